@@ -1,0 +1,42 @@
+//! The scalar reference kernels: the definition every SIMD path is tested against.
+
+use half::{bf16, f16};
+
+use super::{LANES, fold_lanes};
+use crate::tensor::Mat;
+
+/// Canonical-order dot product (see the module docs of `kernels`).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    dot_by(a.len(), |k| a[k], b)
+}
+
+#[inline]
+fn dot_by(n: usize, w: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for k in 0..n {
+        let l = k % LANES;
+        acc[l] = w(k).mul_add(x[k], acc[l]);
+    }
+    fold_lanes(&acc)
+}
+
+/// Dot product of weight row `r` (stored dtype) with `x`.
+pub fn dot_row(w: Mat<'_>, r: usize, x: &[f32]) -> f32 {
+    let cols = x.len();
+    let base = r * cols;
+    match w {
+        Mat::F32(s) => dot_by(cols, |k| s[base + k], x),
+        Mat::F16(s) => dot_by(cols, |k| f16::to_f32(s[base + k]), x),
+        Mat::BF16(s) => dot_by(cols, |k| bf16::to_f32(s[base + k]), x),
+    }
+}
+
+/// Reference matrix product, see [`super::matmul`].
+pub fn matmul(w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n_tokens: usize, out: &mut [f32]) {
+    for t in 0..n_tokens {
+        let xt = &x[t * cols..(t + 1) * cols];
+        for r in 0..rows {
+            out[t * rows + r] = dot_row(w, r, xt);
+        }
+    }
+}

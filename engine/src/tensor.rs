@@ -1,0 +1,237 @@
+//! Tensors over memory-mapped or owned bytes, with the dtypes checkpoints store.
+
+use std::sync::Arc;
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+
+use crate::error::{EngineError, Result};
+
+/// Element types of stored weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    /// IEEE single precision.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+        }
+    }
+
+    /// The safetensors spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "F32",
+            DType::F16 => "F16",
+            DType::BF16 => "BF16",
+        }
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Clone)]
+enum Bytes {
+    /// A range of a memory-mapped file.
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
+    /// Owned, 8-byte aligned storage (`len` bytes of `buf`).
+    Owned { buf: Arc<Vec<u64>>, len: usize },
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
+            Bytes::Owned { buf, len } => &bytemuck::cast_slice::<u64, u8>(buf)[..*len],
+        }
+    }
+}
+
+/// A dense tensor in row-major order.
+#[derive(Clone)]
+pub struct Tensor {
+    name: Arc<str>,
+    dtype: DType,
+    shape: Vec<usize>,
+    bytes: Bytes,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({}, {:?}, {:?})", self.name, self.dtype, self.shape)
+    }
+}
+
+/// A borrowed 2-D weight matrix `[rows, cols]`, row-major, in its stored dtype.
+#[derive(Clone, Copy, Debug)]
+pub enum Mat<'a> {
+    /// f32 elements.
+    F32(&'a [f32]),
+    /// f16 elements.
+    F16(&'a [f16]),
+    /// bf16 elements.
+    BF16(&'a [bf16]),
+}
+
+impl Mat<'_> {
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        match self {
+            Mat::F32(s) => s.len(),
+            Mat::F16(s) => s.len(),
+            Mat::BF16(s) => s.len(),
+        }
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Tensor {
+    /// A tensor over `len` bytes of a mapped file starting at `start`.
+    /// The range and its alignment are checked here so every later view is safe.
+    pub fn mapped(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    ) -> Result<Self> {
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let want = numel.and_then(|n| n.checked_mul(dtype.size()));
+        if want != Some(len) {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!(
+                    "shape {shape:?} of {} needs {want:?} bytes, the file gives {len}",
+                    dtype.name()
+                ),
+            });
+        }
+        if start.checked_add(len).is_none_or(|end| end > map.len()) {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!(
+                    "bytes {start}..{} lie outside the file ({} bytes)",
+                    start.saturating_add(len),
+                    map.len()
+                ),
+            });
+        }
+        let t = Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            bytes: Bytes::Mapped { map, start, len },
+        };
+        if t.bytes.as_slice().as_ptr() as usize % dtype.size() != 0 {
+            // Misaligned data in the file: copy once into aligned memory.
+            return Ok(t.to_owned_copy());
+        }
+        Ok(t)
+    }
+
+    /// A tensor owning f32 data.
+    pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32]) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self::owned(name, DType::F32, shape, bytemuck::cast_slice(data))
+    }
+
+    fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            bytes: Bytes::Owned {
+                buf: Arc::new(buf),
+                len: bytes.len(),
+            },
+        }
+    }
+
+    fn to_owned_copy(&self) -> Self {
+        Self::owned(&self.name, self.dtype, self.shape.clone(), self.bytes.as_slice())
+    }
+
+    /// The tensor's name in the checkpoint.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Stored dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Shape, outermost first.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Raw little-endian bytes.
+    pub fn raw(&self) -> &[u8] {
+        self.bytes.as_slice()
+    }
+
+    /// Whether the bytes come from a memory map (not copied).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.bytes, Bytes::Mapped { .. })
+    }
+
+    /// A view of the whole tensor as a matrix in its stored dtype.
+    pub fn mat(&self) -> Mat<'_> {
+        let raw = self.raw();
+        // Alignment and length were checked at construction, so these casts cannot fail.
+        match self.dtype {
+            DType::F32 => Mat::F32(bytemuck::cast_slice(raw)),
+            DType::F16 => Mat::F16(bytemuck::cast_slice(raw)),
+            DType::BF16 => Mat::BF16(bytemuck::cast_slice(raw)),
+        }
+    }
+
+    /// Checks the shape against what the config expects.
+    pub fn expect_shape(&self, shape: &[usize]) -> Result<()> {
+        if self.shape != shape {
+            return Err(EngineError::BadTensor {
+                name: self.name.to_string(),
+                msg: format!("expected shape {shape:?}, found {:?}", self.shape),
+            });
+        }
+        Ok(())
+    }
+
+    /// The elements converted to f32 (for small tensors: norms, biases, embeddings rows).
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.numel()];
+        crate::kernels::convert_to_f32(self.mat(), 0, &mut out);
+        out
+    }
+
+    /// Row `i` of a 2-D tensor, converted to f32, into `out`.
+    pub fn row_to_f32(&self, i: usize, out: &mut [f32]) {
+        let cols = out.len();
+        crate::kernels::convert_to_f32(self.mat(), i * cols, out);
+    }
+}
