@@ -1,9 +1,22 @@
 //! moeshard's engine: tensors, dtypes, kernels, checkpoint formats and the forward pass that the
 //! coordinator and the workers share.
 
+pub mod config;
 pub mod error;
+pub mod experts;
+pub mod generate;
 pub mod kernels;
+pub mod layers;
+pub mod model;
+pub mod npy;
+pub mod routing;
+pub mod safetensors;
+pub mod sampling;
 pub mod tensor;
+pub mod tokenizer;
 
+pub use config::{Arch, ModelConfig};
 pub use error::{EngineError, Result};
+pub use experts::{ExpertBackend, ExpertRow, LocalExperts, PendingExperts};
+pub use model::{KvCache, Model, SeqStep, WantLogits};
 pub use tensor::{DType, Mat, Tensor};

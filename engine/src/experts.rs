@@ -1,0 +1,243 @@
+//! Routed experts: the one interface the forward pass uses to run them, and the in-process host.
+//!
+//! The forward pass hands a backend the rows `(token, expert, weight)` of one MoE layer; the
+//! backend returns `weight * FFN_expert(hidden[token])` for every row, in row order. Whether the
+//! experts run here or on remote workers is invisible to the caller, and because every row is a
+//! fixed function of its inputs (see `kernels`) the answer is the same bits either way.
+
+use std::collections::BTreeMap;
+
+use rayon::prelude::*;
+
+use crate::config::ModelConfig;
+use crate::error::{EngineError, Result};
+use crate::kernels;
+use crate::safetensors::Checkpoint;
+use crate::tensor::Tensor;
+
+/// One routed (token, expert) pair of a MoE layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ExpertRow {
+    /// Index of the token in the batch's hidden states.
+    pub token: u32,
+    /// Expert index within the layer.
+    pub expert: u32,
+    /// Routing weight the output is scaled by.
+    pub weight: f32,
+}
+
+/// Something that computes routed experts for a batch.
+pub trait ExpertBackend: Send + Sync {
+    /// Starts computing `rows` of `layer` over `hidden` (`n_tokens * hidden_size`, row-major).
+    /// The returned job yields `rows.len() * hidden_size` values, row by row.
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        hidden: &'a [f32],
+        rows: &'a [ExpertRow],
+    ) -> Result<Box<dyn PendingExperts + 'a>>;
+}
+
+/// A dispatched expert batch whose outputs can be waited for.
+pub trait PendingExperts: Send {
+    /// Blocks until the outputs are ready.
+    fn wait(self: Box<Self>) -> Result<Vec<f32>>;
+}
+
+/// One expert's weights.
+#[derive(Clone, Debug)]
+pub struct ExpertWeights {
+    /// `[moe_intermediate, hidden]`
+    pub gate_proj: Tensor,
+    /// `[moe_intermediate, hidden]`
+    pub up_proj: Tensor,
+    /// `[hidden, moe_intermediate]`
+    pub down_proj: Tensor,
+}
+
+impl ExpertWeights {
+    /// Bytes of the three matrices.
+    pub fn bytes(&self) -> usize {
+        self.gate_proj.raw().len() + self.up_proj.raw().len() + self.down_proj.raw().len()
+    }
+
+    /// `out[i] = weight[i] * down(silu(gate(x_i)) * up(x_i))` for the `n` rows of `x`.
+    pub fn forward(&self, x: &[f32], n: usize, weights: &[f32], out: &mut [f32]) {
+        let hidden = self.down_proj.shape()[0];
+        let inter = self.gate_proj.shape()[0];
+        let mut g = vec![0f32; n * inter];
+        let mut u = vec![0f32; n * inter];
+        kernels::matmul(self.gate_proj.mat(), inter, hidden, x, n, &mut g);
+        kernels::matmul(self.up_proj.mat(), inter, hidden, x, n, &mut u);
+        kernels::silu_mul(&mut g, &u);
+        kernels::matmul(self.down_proj.mat(), hidden, inter, &g, n, out);
+        for (row, &w) in out.chunks_exact_mut(hidden).zip(weights) {
+            for v in row {
+                *v *= w;
+            }
+        }
+    }
+}
+
+/// Loads expert `e` of `layer`, checking shapes against the config.
+pub fn load_expert(
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    layer: usize,
+    e: usize,
+) -> Result<ExpertWeights> {
+    let names = cfg.expert_tensor_names(layer, e);
+    let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
+    Ok(ExpertWeights {
+        gate_proj: ckpt.get_shaped(&names.gate_proj, &[i, h])?,
+        up_proj: ckpt.get_shaped(&names.up_proj, &[i, h])?,
+        down_proj: ckpt.get_shaped(&names.down_proj, &[h, i])?,
+    })
+}
+
+/// Experts held in this process.
+pub struct LocalExperts {
+    hidden_size: usize,
+    experts: BTreeMap<(usize, usize), ExpertWeights>,
+}
+
+impl LocalExperts {
+    /// Holds the given experts.
+    pub fn new(hidden_size: usize, experts: BTreeMap<(usize, usize), ExpertWeights>) -> Self {
+        LocalExperts {
+            hidden_size,
+            experts,
+        }
+    }
+
+    /// Loads the experts `(layer, expert)` listed in `which` from a checkpoint (mapped, not read).
+    pub fn load(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        which: impl IntoIterator<Item = (usize, usize)>,
+    ) -> Result<Self> {
+        let mut experts = BTreeMap::new();
+        for (l, e) in which {
+            experts.insert((l, e), load_expert(cfg, ckpt, l, e)?);
+        }
+        Ok(Self::new(cfg.hidden_size, experts))
+    }
+
+    /// Loads every routed expert of every MoE layer.
+    pub fn load_all(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<Self> {
+        let all: Vec<_> = cfg
+            .moe_layers()
+            .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+            .collect();
+        Self::load(cfg, ckpt, all)
+    }
+
+    /// The `(layer, expert)` pairs held.
+    pub fn held(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        self.experts.keys().copied()
+    }
+
+    /// The weights of one held expert.
+    pub fn get(&self, layer: usize, expert: usize) -> Option<&ExpertWeights> {
+        self.experts.get(&(layer, expert))
+    }
+
+    /// Total bytes of the held experts' weights.
+    pub fn bytes(&self) -> usize {
+        self.experts.values().map(ExpertWeights::bytes).sum()
+    }
+
+    /// Residual width.
+    pub fn hidden_size(&self) -> usize {
+        self.hidden_size
+    }
+
+    /// Computes `rows` over `hidden` now; returns `rows.len() * hidden_size` values.
+    pub fn compute(&self, layer: usize, hidden: &[f32], rows: &[ExpertRow]) -> Result<Vec<f32>> {
+        let h = self.hidden_size;
+        if hidden.len() % h != 0 {
+            return Err(EngineError::Experts {
+                layer,
+                host: "local".into(),
+                msg: format!("{} hidden values are not a multiple of {h}", hidden.len()),
+            });
+        }
+        let n_tokens = hidden.len() / h;
+        // Group row indices by expert, in expert order then row order.
+        let mut groups: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, r) in rows.iter().enumerate() {
+            if r.token as usize >= n_tokens {
+                return Err(EngineError::Experts {
+                    layer,
+                    host: "local".into(),
+                    msg: format!("row {i} names token {} of {n_tokens}", r.token),
+                });
+            }
+            groups.entry(r.expert).or_default().push(i);
+        }
+        let mut jobs = Vec::with_capacity(groups.len());
+        for (e, idx) in groups {
+            let w = self
+                .experts
+                .get(&(layer, e as usize))
+                .ok_or_else(|| EngineError::Experts {
+                    layer,
+                    host: "local".into(),
+                    msg: format!("expert {e} is not held here"),
+                })?;
+            jobs.push((w, idx));
+        }
+        let outputs: Vec<(Vec<usize>, Vec<f32>)> = jobs
+            .into_par_iter()
+            .map(|(w, idx)| {
+                let n = idx.len();
+                let mut x = Vec::with_capacity(n * h);
+                let mut ws = Vec::with_capacity(n);
+                for &i in &idx {
+                    let t = rows[i].token as usize;
+                    x.extend_from_slice(&hidden[t * h..(t + 1) * h]);
+                    ws.push(rows[i].weight);
+                }
+                let mut y = vec![0f32; n * h];
+                w.forward(&x, n, &ws, &mut y);
+                (idx, y)
+            })
+            .collect();
+        let mut out = vec![0f32; rows.len() * h];
+        for (idx, y) in outputs {
+            for (k, &i) in idx.iter().enumerate() {
+                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
+            }
+        }
+        Ok(out)
+    }
+}
+
+struct Deferred<'a> {
+    host: &'a LocalExperts,
+    layer: usize,
+    hidden: &'a [f32],
+    rows: &'a [ExpertRow],
+}
+
+impl PendingExperts for Deferred<'_> {
+    fn wait(self: Box<Self>) -> Result<Vec<f32>> {
+        self.host.compute(self.layer, self.hidden, self.rows)
+    }
+}
+
+impl ExpertBackend for LocalExperts {
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        hidden: &'a [f32],
+        rows: &'a [ExpertRow],
+    ) -> Result<Box<dyn PendingExperts + 'a>> {
+        Ok(Box::new(Deferred {
+            host: self,
+            layer,
+            hidden,
+            rows,
+        }))
+    }
+}

@@ -1,0 +1,185 @@
+//! The dense building blocks: linear layers, RMSNorm, rotary embeddings, SwiGLU MLP.
+
+use crate::error::{EngineError, Result};
+use crate::kernels;
+use crate::safetensors::Checkpoint;
+use crate::tensor::Tensor;
+
+/// `y = x W^T (+ b)` with `W` stored `[out, in]` as in the checkpoint.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    /// `[out_dim, in_dim]`
+    pub weight: Tensor,
+    /// Optional bias of `out_dim`.
+    pub bias: Option<Vec<f32>>,
+    /// Output features.
+    pub out_dim: usize,
+    /// Input features.
+    pub in_dim: usize,
+}
+
+impl Linear {
+    /// Loads `{prefix}.weight` (and `{prefix}.bias` when `bias`), checking the shape.
+    pub fn load(
+        ckpt: &Checkpoint,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let weight = ckpt.get_shaped(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(
+                ckpt.get_shaped(&format!("{prefix}.bias"), &[out_dim])?
+                    .to_f32_vec(),
+            )
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight,
+            bias,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// A linear layer over an existing weight (tied embeddings).
+    pub fn from_weight(weight: Tensor) -> Result<Self> {
+        let &[out_dim, in_dim] = weight.shape() else {
+            return Err(EngineError::BadTensor {
+                name: weight.name().to_string(),
+                msg: format!("expected 2 dimensions, found {:?}", weight.shape()),
+            });
+        };
+        Ok(Linear {
+            weight,
+            bias: None,
+            out_dim,
+            in_dim,
+        })
+    }
+
+    /// Applies the layer to `n` rows of `x`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut y = vec![0f32; n * self.out_dim];
+        kernels::matmul(self.weight.mat(), self.out_dim, self.in_dim, x, n, &mut y);
+        if let Some(b) = &self.bias {
+            for row in y.chunks_exact_mut(self.out_dim) {
+                for (v, bb) in row.iter_mut().zip(b) {
+                    *v += bb;
+                }
+            }
+        }
+        y
+    }
+}
+
+/// Loads a 1-D f32 copy of a norm weight of length `dim`.
+pub fn load_vec(ckpt: &Checkpoint, name: &str, dim: usize) -> Result<Vec<f32>> {
+    Ok(ckpt.get_shaped(name, &[dim])?.to_f32_vec())
+}
+
+/// RMSNorm of every `weight.len()`-wide row of `x`, into a new buffer.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    let mut y = x.to_vec();
+    rms_norm_inplace(&mut y, weight, eps);
+    y
+}
+
+/// RMSNorm in place: `x * rsqrt(mean(x^2) + eps) * weight`, row by row.
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    for row in x.chunks_exact_mut(d) {
+        let ms = kernels::dot(row, row) / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for (v, w) in row.iter_mut().zip(weight) {
+            *v = w * (*v * r);
+        }
+    }
+}
+
+/// Default (non-interleaved, "rotate half") rotary embedding tables.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    inv_freq: Vec<f32>,
+}
+
+impl Rope {
+    /// Frequencies for a head width of `dim` and base `theta`.
+    pub fn new(dim: usize, theta: f64) -> Self {
+        let inv_freq = (0..dim / 2)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / dim as f64)) as f32)
+            .collect();
+        Rope { inv_freq }
+    }
+
+    /// Rotates every `2 * inv_freq.len()`-wide head of `x` (one token) for position `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.inv_freq.len();
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|f| {
+                let a = pos as f32 * f;
+                (a.cos(), a.sin())
+            })
+            .unzip();
+        for head in x.chunks_exact_mut(2 * half) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+/// A SwiGLU MLP: `down(silu(gate(x)) * up(x))`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    /// `[inter, hidden]`
+    pub gate_proj: Linear,
+    /// `[inter, hidden]`
+    pub up_proj: Linear,
+    /// `[hidden, inter]`
+    pub down_proj: Linear,
+}
+
+impl Mlp {
+    /// Loads `{prefix}.gate_proj` etc.
+    pub fn load(ckpt: &Checkpoint, prefix: &str, hidden: usize, inter: usize) -> Result<Self> {
+        Ok(Mlp {
+            gate_proj: Linear::load(ckpt, &format!("{prefix}.gate_proj"), inter, hidden, false)?,
+            up_proj: Linear::load(ckpt, &format!("{prefix}.up_proj"), inter, hidden, false)?,
+            down_proj: Linear::load(ckpt, &format!("{prefix}.down_proj"), hidden, inter, false)?,
+        })
+    }
+
+    /// Applies the MLP to `n` rows of `x`.
+    pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let mut g = self.gate_proj.forward(x, n);
+        let u = self.up_proj.forward(x, n);
+        kernels::silu_mul(&mut g, &u);
+        self.down_proj.forward(&g, n)
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= sum;
+    }
+}
+
+/// The logistic function.
+pub fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}

@@ -1,0 +1,506 @@
+//! The decoder of the supported MoE architectures, following transformers' `modeling_qwen3_moe.py`,
+//! `modeling_qwen2_moe.py` and `modeling_mixtral.py`.
+//!
+//! The model holds the dense part (embeddings, attention, norms, routers, shared experts, LM head);
+//! routed experts are computed by an [`ExpertBackend`], in this process or on workers.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use crate::config::{Arch, MlpKind, ModelConfig};
+use crate::error::{EngineError, Result};
+use crate::experts::{ExpertBackend, ExpertRow};
+use crate::kernels;
+use crate::layers::{Linear, Mlp, Rope, load_vec, rms_norm, sigmoid, softmax_inplace};
+use crate::routing::RoutingRule;
+use crate::safetensors::Checkpoint;
+use crate::tensor::Tensor;
+
+/// Self-attention of one layer.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    /// Per-head query RMSNorm (Qwen3).
+    pub q_norm: Option<Vec<f32>>,
+    /// Per-head key RMSNorm (Qwen3).
+    pub k_norm: Option<Vec<f32>>,
+}
+
+/// The routed part of a MoE layer that lives with the dense model.
+#[derive(Clone, Debug)]
+pub struct SparseMoe {
+    /// Router `[num_experts, hidden]`.
+    pub gate: Linear,
+    /// Shared expert (Qwen2-MoE).
+    pub shared_expert: Option<Mlp>,
+    /// Shared expert's sigmoid gate `[1, hidden]`.
+    pub shared_expert_gate: Option<Linear>,
+}
+
+/// A layer's feed-forward block.
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    /// Dense SwiGLU.
+    Dense(Mlp),
+    /// Routed experts.
+    Moe(SparseMoe),
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    /// Norm before attention.
+    pub input_layernorm: Vec<f32>,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the MLP.
+    pub post_attention_layernorm: Vec<f32>,
+    /// MLP.
+    pub mlp: FeedForward,
+}
+
+/// The dense part of a MoE decoder.
+pub struct Model {
+    /// The configuration.
+    pub cfg: ModelConfig,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    /// Layers.
+    pub layers: Vec<DecoderLayer>,
+    /// Final norm.
+    pub norm: Vec<f32>,
+    /// LM head (the embedding when tied).
+    pub lm_head: Linear,
+    rope: Rope,
+    router: RoutingRule,
+}
+
+/// Key/value cache of one sequence.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    max_len: usize,
+    kv_width: usize,
+}
+
+impl KvCache {
+    /// An empty cache for up to `max_len` positions.
+    pub fn new(cfg: &ModelConfig, max_len: usize) -> Self {
+        KvCache {
+            k: vec![Vec::new(); cfg.num_hidden_layers],
+            v: vec![Vec::new(); cfg.num_hidden_layers],
+            len: 0,
+            max_len,
+            kv_width: cfg.num_key_value_heads * cfg.head_dim,
+        }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Largest number of positions.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Bytes in use.
+    pub fn bytes(&self) -> usize {
+        2 * self.k.len() * self.len * self.kv_width * 4
+    }
+
+    /// Forgets positions from `len` on.
+    pub fn truncate(&mut self, len: usize) {
+        if len < self.len {
+            for l in 0..self.k.len() {
+                self.k[l].truncate(len * self.kv_width);
+                self.v[l].truncate(len * self.kv_width);
+            }
+            self.len = len;
+        }
+    }
+}
+
+/// Which logits a sequence wants back from a forward step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WantLogits {
+    /// Every position of the chunk.
+    All,
+    /// Only the last position.
+    Last,
+    /// None (a prefill chunk that is not the last).
+    None,
+}
+
+/// One sequence's share of a batched forward step.
+pub struct SeqStep<'a> {
+    /// New tokens, appended after what the cache holds.
+    pub tokens: &'a [u32],
+    /// The sequence's cache.
+    pub cache: &'a mut KvCache,
+    /// Which logits to return.
+    pub want: WantLogits,
+}
+
+impl Model {
+    /// Loads the dense part of the model in `dir`.
+    pub fn load(dir: &Path) -> Result<(Self, Checkpoint)> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let model = Self::from_checkpoint(cfg, &ckpt)?;
+        Ok((model, ckpt))
+    }
+
+    /// Builds the dense part from an open checkpoint.
+    pub fn from_checkpoint(cfg: ModelConfig, ckpt: &Checkpoint) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let embed_tokens = ckpt.get_shaped("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = cfg.layer_prefix(i);
+            let a = format!("{p}.self_attn");
+            let self_attn = Attention {
+                q_proj: Linear::load(ckpt, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
+                k_proj: Linear::load(ckpt, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                v_proj: Linear::load(ckpt, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                o_proj: Linear::load(ckpt, &format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
+                q_norm: if cfg.qk_norm {
+                    Some(load_vec(ckpt, &format!("{a}.q_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(load_vec(ckpt, &format!("{a}.k_norm.weight"), hd)?)
+                } else {
+                    None
+                },
+            };
+            let mlp = match cfg.layer_kinds[i] {
+                MlpKind::Dense => FeedForward::Dense(Mlp::load(
+                    ckpt,
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate_size,
+                )?),
+                MlpKind::Moe => {
+                    let m = cfg.moe_prefix(i);
+                    let (shared_expert, shared_expert_gate) =
+                        match cfg.shared_expert_intermediate_size {
+                            Some(si) => (
+                                Some(Mlp::load(ckpt, &format!("{m}.shared_expert"), h, si)?),
+                                Some(Linear::load(
+                                    ckpt,
+                                    &format!("{m}.shared_expert_gate"),
+                                    1,
+                                    h,
+                                    false,
+                                )?),
+                            ),
+                            None => (None, None),
+                        };
+                    FeedForward::Moe(SparseMoe {
+                        gate: Linear::load(ckpt, &format!("{m}.gate"), cfg.num_experts, h, false)?,
+                        shared_expert,
+                        shared_expert_gate,
+                    })
+                }
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: load_vec(ckpt, &format!("{p}.input_layernorm.weight"), h)?,
+                self_attn,
+                post_attention_layernorm: load_vec(
+                    ckpt,
+                    &format!("{p}.post_attention_layernorm.weight"),
+                    h,
+                )?,
+                mlp,
+            });
+        }
+        let norm = load_vec(ckpt, "model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+            Linear::from_weight(embed_tokens.clone())?
+        } else {
+            Linear::load(ckpt, "lm_head", cfg.vocab_size, h, false)?
+        };
+        let rope = Rope::new(hd, cfg.rope_theta);
+        let router = RoutingRule::SoftmaxTopK {
+            k: cfg.num_experts_per_tok,
+            renormalize: cfg.norm_topk_prob,
+        };
+        Ok(Model {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            router,
+        })
+    }
+
+    /// A new cache for this model holding up to `max_len` positions.
+    pub fn new_cache(&self, max_len: usize) -> KvCache {
+        KvCache::new(&self.cfg, max_len.min(self.cfg.max_position_embeddings))
+    }
+
+    /// The routing rule of the MoE layers.
+    pub fn router(&self) -> RoutingRule {
+        self.router
+    }
+
+    /// Runs one forward step over several sequences at once; returns each one's requested logits
+    /// (`[n, vocab]` row-major: n = chunk length for `All`, 1 for `Last`, 0 for `None`).
+    pub fn forward(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>> {
+        let cfg = &self.cfg;
+        let h = cfg.hidden_size;
+        // Validate everything before touching any cache.
+        let mut positions = Vec::new();
+        let mut seq_of = Vec::new();
+        for (s, step) in seqs.iter().enumerate() {
+            let start = step.cache.len();
+            if start + step.tokens.len() > step.cache.max_len() {
+                return Err(EngineError::Input(format!(
+                    "sequence of {} tokens exceeds the context limit of {}",
+                    start + step.tokens.len(),
+                    step.cache.max_len()
+                )));
+            }
+            for (i, &t) in step.tokens.iter().enumerate() {
+                if t as usize >= cfg.vocab_size {
+                    return Err(EngineError::Input(format!(
+                        "token id {t} at position {} is outside the vocabulary of {}",
+                        start + i,
+                        cfg.vocab_size
+                    )));
+                }
+                positions.push(start + i);
+                seq_of.push(s);
+            }
+        }
+        let n = positions.len();
+        let mut x = vec![0f32; n * h];
+        let all_tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        for (row, &t) in x.chunks_exact_mut(h).zip(&all_tokens) {
+            self.embed_tokens.row_to_f32(t as usize, row);
+        }
+        for (li, layer) in self.layers.iter().enumerate() {
+            let hn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
+            let attn = self.attention(li, layer, &hn, &positions, seqs)?;
+            for (a, b) in x.iter_mut().zip(&attn) {
+                *a += b;
+            }
+            let hn = rms_norm(&x, &layer.post_attention_layernorm, cfg.rms_norm_eps);
+            let ff = match &layer.mlp {
+                FeedForward::Dense(mlp) => mlp.forward(&hn, n),
+                FeedForward::Moe(moe) => self.moe(li, moe, &hn, n, experts)?,
+            };
+            for (a, b) in x.iter_mut().zip(&ff) {
+                *a += b;
+            }
+        }
+        for s in seqs.iter_mut() {
+            s.cache.len += s.tokens.len();
+        }
+        // Final norm and LM head on the wanted rows only.
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut offset = 0;
+        for s in seqs.iter() {
+            let len = s.tokens.len();
+            let rows = match s.want {
+                WantLogits::All => offset..offset + len,
+                WantLogits::Last if len > 0 => offset + len - 1..offset + len,
+                _ => offset..offset,
+            };
+            offset += len;
+            let m = rows.len();
+            if m == 0 {
+                out.push(Vec::new());
+                continue;
+            }
+            let hn = rms_norm(&x[rows.start * h..rows.end * h], &self.norm, cfg.rms_norm_eps);
+            out.push(self.lm_head.forward(&hn, m));
+        }
+        Ok(out)
+    }
+
+    fn attention(
+        &self,
+        li: usize,
+        layer: &DecoderLayer,
+        hn: &[f32],
+        positions: &[usize],
+        seqs: &mut [SeqStep<'_>],
+    ) -> Result<Vec<f32>> {
+        let cfg = &self.cfg;
+        let n = positions.len();
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let att = &layer.self_attn;
+        let mut q = att.q_proj.forward(hn, n);
+        let mut k = att.k_proj.forward(hn, n);
+        let v = att.v_proj.forward(hn, n);
+        if let (Some(qn), Some(kn)) = (&att.q_norm, &att.k_norm) {
+            crate::layers::rms_norm_inplace(&mut q, qn, cfg.rms_norm_eps);
+            crate::layers::rms_norm_inplace(&mut k, kn, cfg.rms_norm_eps);
+        }
+        for (i, &pos) in positions.iter().enumerate() {
+            self.rope.apply(&mut q[i * nh * hd..(i + 1) * nh * hd], pos);
+            self.rope.apply(&mut k[i * nkv * hd..(i + 1) * nkv * hd], pos);
+        }
+        // Append this step's keys and values to each sequence's cache.
+        let kvw = nkv * hd;
+        let mut offset = 0;
+        let mut spans = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            let len = s.tokens.len();
+            s.cache.k[li].extend_from_slice(&k[offset * kvw..(offset + len) * kvw]);
+            s.cache.v[li].extend_from_slice(&v[offset * kvw..(offset + len) * kvw]);
+            spans.push((offset, len, s.cache.len()));
+            offset += len;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let group = nh / nkv;
+        let window = cfg.sliding_window;
+        let mut out = vec![0f32; n * nh * hd];
+        // Work items: (token row, head); each is independent and computed in a fixed order.
+        let caches: Vec<(&[f32], &[f32])> = seqs
+            .iter()
+            .map(|s| (s.cache.k[li].as_slice(), s.cache.v[li].as_slice()))
+            .collect();
+        let mut items = Vec::with_capacity(n);
+        for (s, &(off, len, _)) in spans.iter().enumerate() {
+            for i in 0..len {
+                items.push((off + i, s));
+            }
+        }
+        let compute = |row: usize, s: usize, o: &mut [f32]| {
+            let (kc, vc) = caches[s];
+            let pos = positions[row];
+            let first = match window {
+                Some(w) if pos + 1 > w => pos + 1 - w,
+                _ => 0,
+            };
+            let mut scores = vec![0f32; pos + 1 - first];
+            for head in 0..nh {
+                let kvh = head / group;
+                let qh = &q[(row * nh + head) * hd..(row * nh + head + 1) * hd];
+                for (j, sc) in (first..=pos).zip(scores.iter_mut()) {
+                    let kj = &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                    *sc = kernels::dot(qh, kj) * scale;
+                }
+                softmax_inplace(&mut scores);
+                let oh = &mut o[head * hd..(head + 1) * hd];
+                oh.fill(0.0);
+                for (j, &p) in (first..=pos).zip(scores.iter()) {
+                    kernels::axpy(p, &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd], oh);
+                }
+            }
+        };
+        let work: usize = items.iter().map(|&(r, _)| positions[r] + 1).sum::<usize>() * nh * hd;
+        if work > 1 << 16 {
+            out.par_chunks_mut(nh * hd)
+                .zip(items.par_iter())
+                .for_each(|(o, &(row, s))| compute(row, s, o));
+        } else {
+            for (o, &(row, s)) in out.chunks_mut(nh * hd).zip(items.iter()) {
+                compute(row, s, o);
+            }
+        }
+        Ok(att.o_proj.forward(&out, n))
+    }
+
+    fn moe(
+        &self,
+        li: usize,
+        moe: &SparseMoe,
+        hn: &[f32],
+        n: usize,
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<f32>> {
+        let h = self.cfg.hidden_size;
+        let e = self.cfg.num_experts;
+        let logits = moe.gate.forward(hn, n);
+        let mut rows = Vec::with_capacity(n * self.cfg.num_experts_per_tok);
+        for t in 0..n {
+            for (expert, weight) in self.router.route(&logits[t * e..(t + 1) * e]) {
+                rows.push(ExpertRow {
+                    token: t as u32,
+                    expert: expert as u32,
+                    weight,
+                });
+            }
+        }
+        let pending = experts.dispatch(li, hn, &rows)?;
+        // The shared expert runs while the routed experts are computed elsewhere.
+        let shared = match (&moe.shared_expert, &moe.shared_expert_gate) {
+            (Some(se), Some(g)) => {
+                let y = se.forward(hn, n);
+                let gl = g.forward(hn, n);
+                Some((y, gl))
+            }
+            _ => None,
+        };
+        let routed = pending.wait()?;
+        if routed.len() != rows.len() * h {
+            return Err(EngineError::Experts {
+                layer: li,
+                host: "backend".into(),
+                msg: format!(
+                    "returned {} values for {} rows of width {h}",
+                    routed.len(),
+                    rows.len()
+                ),
+            });
+        }
+        // Fixed combine order: token by token, experts in index order (rows are built that way).
+        let mut out = vec![0f32; n * h];
+        for (r, y) in rows.iter().zip(routed.chunks_exact(h)) {
+            let o = &mut out[r.token as usize * h..(r.token as usize + 1) * h];
+            for (a, b) in o.iter_mut().zip(y) {
+                *a += b;
+            }
+        }
+        if let Some((y, gl)) = shared {
+            for t in 0..n {
+                let gate = sigmoid(gl[t]);
+                for (a, b) in out[t * h..(t + 1) * h].iter_mut().zip(&y[t * h..(t + 1) * h]) {
+                    *a += gate * b;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether the architecture's experts have the shapes the checkpoint stores.
+    pub fn arch(&self) -> Arch {
+        self.cfg.arch
+    }
+}

@@ -1,0 +1,293 @@
+//! Hugging Face safetensors checkpoints, single-file or sharded, memory-mapped.
+//!
+//! Layout: an 8-byte little-endian header length, a JSON header mapping names to
+//! `{dtype, shape, data_offsets}`, then the data. Every length, offset and size is checked against
+//! the file before a tensor is handed out, and the header size is capped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use crate::error::{EngineError, Result};
+use crate::tensor::{DType, Tensor};
+
+/// Largest header we parse (real checkpoints have a few MB at most).
+pub const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Where one tensor lies in one file.
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    /// Stored dtype.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset in the file.
+    pub start: usize,
+    /// Byte length.
+    pub len: usize,
+}
+
+/// One mapped safetensors file.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+fn format_err(path: &Path, msg: impl Into<String>) -> EngineError {
+    EngineError::Format {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        msg: msg.into(),
+    }
+}
+
+fn parse_dtype(s: &str) -> Option<DType> {
+    match s {
+        "F32" => Some(DType::F32),
+        "F16" => Some(DType::F16),
+        "BF16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+impl SafetensorsFile {
+    /// Maps `path` and parses its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
+        // SAFETY: the file is mapped read-only; moeshard never writes checkpoint files while
+        // serving them, and every access below is bounds-checked against the mapped length.
+        let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
+        let tensors = parse_header(path, &map)?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map: Arc::new(map),
+            tensors,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Names and placement of every tensor.
+    pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
+        &self.tensors
+    }
+
+    /// A tensor over the mapped bytes.
+    pub fn tensor(&self, name: &str) -> Option<Result<Tensor>> {
+        let info = self.tensors.get(name)?;
+        Some(Tensor::mapped(
+            name,
+            info.dtype,
+            info.shape.clone(),
+            Arc::clone(&self.map),
+            info.start,
+            info.len,
+        ))
+    }
+}
+
+/// Parses and validates a safetensors header against the file bytes.
+pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
+    if bytes.len() < 8 {
+        return Err(format_err(
+            path,
+            format!("{} bytes is too short for the header length", bytes.len()),
+        ));
+    }
+    let mut len_bytes = [0u8; 8];
+    len_bytes.copy_from_slice(&bytes[..8]);
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES {
+        return Err(format_err(
+            path,
+            format!("header length {header_len} exceeds the {MAX_HEADER_BYTES}-byte cap"),
+        ));
+    }
+    let header_end = 8 + header_len as usize;
+    if header_end > bytes.len() {
+        return Err(format_err(
+            path,
+            format!(
+                "header of {header_len} bytes runs past the end of the file ({} bytes): truncated?",
+                bytes.len()
+            ),
+        ));
+    }
+    let header: Value = serde_json::from_slice(&bytes[8..header_end])
+        .map_err(|e| format_err(path, format!("header is not valid JSON: {e}")))?;
+    let obj = header
+        .as_object()
+        .ok_or_else(|| format_err(path, "header is not a JSON object"))?;
+    let data_len = bytes.len() - header_end;
+    let mut out = BTreeMap::new();
+    for (name, entry) in obj {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |msg: String| format_err(path, format!("tensor {name:?}: {msg}"));
+        let dtype_s = entry
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad("no dtype".into()))?;
+        let dtype = parse_dtype(dtype_s)
+            .ok_or_else(|| bad(format!("dtype {dtype_s} is not supported (F32, F16, BF16)")))?;
+        let shape: Vec<usize> = entry
+            .get("shape")
+            .and_then(Value::as_array)
+            .ok_or_else(|| bad("no shape".into()))?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(|| bad("shape must list non-negative integers".into()))?;
+        let offs = entry
+            .get("data_offsets")
+            .and_then(Value::as_array)
+            .filter(|a| a.len() == 2)
+            .ok_or_else(|| bad("data_offsets must be [begin, end]".into()))?;
+        let (Some(b), Some(e)) = (offs[0].as_u64(), offs[1].as_u64()) else {
+            return Err(bad("data_offsets must be integers".into()));
+        };
+        if b > e || e > data_len as u64 {
+            return Err(bad(format!(
+                "data_offsets [{b}, {e}] lie outside the {data_len} data bytes: truncated or corrupt"
+            )));
+        }
+        let numel = shape
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
+        if numel.checked_mul(dtype.size() as u64) != Some(e - b) {
+            return Err(bad(format!(
+                "shape {shape:?} of {dtype_s} needs {} bytes but data_offsets give {}",
+                numel.saturating_mul(dtype.size() as u64),
+                e - b
+            )));
+        }
+        out.insert(
+            name.clone(),
+            TensorInfo {
+                dtype,
+                shape,
+                start: header_end + b as usize,
+                len: (e - b) as usize,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// All the safetensors files of a checkpoint directory, with a name index.
+pub struct Checkpoint {
+    dir: PathBuf,
+    files: Vec<SafetensorsFile>,
+    index: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let single = dir.join("model.safetensors");
+        let index_path = dir.join("model.safetensors.index.json");
+        let file_names: Vec<String> = if index_path.exists() {
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| format_err(&index_path, format!("index is not valid JSON: {e}")))?;
+            let map = v
+                .get("weight_map")
+                .and_then(Value::as_object)
+                .ok_or_else(|| format_err(&index_path, "index has no weight_map object"))?;
+            let mut names: Vec<String> = Vec::new();
+            for (tensor, f) in map {
+                let f = f.as_str().ok_or_else(|| {
+                    format_err(&index_path, format!("weight_map[{tensor:?}] is not a file name"))
+                })?;
+                if f.contains('/') || f.contains('\\') || f == ".." {
+                    return Err(format_err(
+                        &index_path,
+                        format!("weight_map[{tensor:?}] names {f:?} outside the model directory"),
+                    ));
+                }
+                if !names.iter().any(|n| n == f) {
+                    names.push(f.to_string());
+                }
+            }
+            names.sort();
+            names
+        } else if single.exists() {
+            vec!["model.safetensors".to_string()]
+        } else {
+            return Err(EngineError::MissingFile {
+                path: single,
+                what: "the weights (model.safetensors or model.safetensors.index.json)",
+            });
+        };
+        let mut files = Vec::with_capacity(file_names.len());
+        let mut index = HashMap::new();
+        for (i, name) in file_names.iter().enumerate() {
+            let path = dir.join(name);
+            if !path.exists() {
+                return Err(EngineError::MissingFile {
+                    path,
+                    what: "a weight shard listed in model.safetensors.index.json",
+                });
+            }
+            let f = SafetensorsFile::open(&path)?;
+            for t in f.tensors().keys() {
+                index.insert(t.clone(), i);
+            }
+            files.push(f);
+        }
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files,
+            index,
+        })
+    }
+
+    /// The model directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether a tensor exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Placement of a tensor (its file and range), if present.
+    pub fn info(&self, name: &str) -> Option<(&Path, &TensorInfo)> {
+        let f = &self.files[*self.index.get(name)?];
+        Some((f.path(), f.tensors().get(name)?))
+    }
+
+    /// A tensor by name, or an error naming it.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let missing = || EngineError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        };
+        let i = *self.index.get(name).ok_or_else(missing)?;
+        self.files[i].tensor(name).ok_or_else(missing)?
+    }
+
+    /// A tensor whose shape must be `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        t.expect_shape(shape)?;
+        Ok(t)
+    }
+}

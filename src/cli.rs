@@ -1,0 +1,153 @@
+//! Subcommands.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use moeshard_engine::generate::{GenerateRequest, all_logits, generate};
+use moeshard_engine::sampling::SamplingParams;
+use moeshard_engine::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
+use moeshard_engine::{LocalExperts, Model, npy};
+
+#[derive(Parser)]
+#[command(name = "moeshard", version, about = "Exact expert-parallel inference of MoE models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout.
+    Generate(GenerateArgs),
+    /// Write the logits at every position of a token sequence as a float32 .npy [n_tokens, vocab].
+    Logits(LogitsArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the k most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Random seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Context limit in tokens (prompt plus output).
+    #[arg(long, default_value_t = 4096)]
+    max_context: usize,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// Output .npy path.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Parses the command line and runs the subcommand.
+pub fn run() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Logits(a) => cmd_logits(a),
+    }
+}
+
+fn load_local(dir: &std::path::Path) -> Result<(Model, LocalExperts)> {
+    let (model, ckpt) =
+        Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let experts = LocalExperts::load_all(&model.cfg, &ckpt)
+        .with_context(|| format!("loading the experts in {}", dir.display()))?;
+    Ok((model, experts))
+}
+
+fn cmd_logits(a: LogitsArgs) -> Result<()> {
+    let (model, experts) = load_local(&a.model.model)?;
+    let logits = all_logits(&model, &experts, &a.tokens)?;
+    npy::write_f32(&a.out, &[a.tokens.len(), model.cfg.vocab_size], &logits)?;
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let dir = &a.model.model;
+    let (model, experts) = load_local(dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let prompt = if a.chat {
+        let text = tok.apply_chat_template(
+            &[ChatMessage {
+                role: "user".into(),
+                content: a.prompt.clone(),
+            }],
+            true,
+        )?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(&a.prompt, true)?
+    };
+    if prompt.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    let mut stop_tokens = model.cfg.eos_token_ids.clone();
+    if let Some(id) = tok.eos_token().and_then(|t| tok.token_id(t)) {
+        stop_tokens.push(id);
+    }
+    let req = GenerateRequest {
+        prompt,
+        max_tokens: a.max_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_p: a.top_p,
+            top_k: a.top_k,
+            seed: a.seed,
+        },
+        stop_tokens,
+        max_context: a.max_context,
+    };
+    let mut dec = StreamDecoder::new();
+    let mut stdout = std::io::stdout().lock();
+    let started = std::time::Instant::now();
+    let out = generate(&model, &experts, &req, |id| {
+        let piece = dec.push(&tok, id)?;
+        // A closed stdout (a pipe to `head`) ends the generation instead of failing it.
+        Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok())
+    })?;
+    let _ = writeln!(stdout);
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        tokens = out.tokens.len(),
+        finish = ?out.finish,
+        tok_per_s = out.tokens.len() as f64 / secs,
+        "generation finished"
+    );
+    Ok(())
+}
