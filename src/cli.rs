@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use moeshard_engine::generate::{GenerateRequest, all_logits, generate};
 use moeshard_engine::sampling::SamplingParams;
 use moeshard_engine::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
-use moeshard_engine::{LocalExperts, Model, npy};
+use moeshard_engine::{ExpertBackend, LocalExperts, Model, npy};
 
 #[derive(Parser)]
 #[command(name = "moeshard", version, about = "Exact expert-parallel inference of MoE models")]
@@ -26,16 +26,33 @@ enum Command {
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
+}
+
+/// Where the routed experts run: in this process (default), on remote workers, or on local
+/// worker processes started for this run.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct ClusterArgs {
+    /// Remote workers, comma-separated host:port.
+    #[arg(long, value_delimiter = ',', conflicts_with = "local_workers")]
+    pub workers: Vec<String>,
+    /// Start N worker processes on loopback for this run.
+    #[arg(long, default_value_t = 0)]
+    pub local_workers: usize,
+    /// Wire transport to the workers.
+    #[arg(long, default_value = "grpc")]
+    pub transport: String,
 }
 
 #[derive(Args)]
 struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// The prompt text.
     #[arg(long)]
     prompt: String,
@@ -66,6 +83,8 @@ struct GenerateArgs {
 struct LogitsArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// Comma-separated token ids.
     #[arg(long, value_delimiter = ',', required = true)]
     tokens: Vec<u32>,
@@ -83,24 +102,31 @@ pub fn run() -> Result<()> {
     }
 }
 
-fn load_local(dir: &std::path::Path) -> Result<(Model, LocalExperts)> {
+/// Loads the dense model and opens the expert backend the cluster options ask for.
+pub(crate) fn load(
+    dir: &std::path::Path,
+    cluster: &ClusterArgs,
+) -> Result<(Model, Box<dyn ExpertBackend>)> {
     let (model, ckpt) =
         Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    if !cluster.workers.is_empty() || cluster.local_workers > 0 {
+        bail!("remote workers are not built yet");
+    }
     let experts = LocalExperts::load_all(&model.cfg, &ckpt)
         .with_context(|| format!("loading the experts in {}", dir.display()))?;
-    Ok((model, experts))
+    Ok((model, Box::new(experts)))
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
-    let (model, experts) = load_local(&a.model.model)?;
-    let logits = all_logits(&model, &experts, &a.tokens)?;
+    let (model, experts) = load(&a.model.model, &a.cluster)?;
+    let logits = all_logits(&model, experts.as_ref(), &a.tokens)?;
     npy::write_f32(&a.out, &[a.tokens.len(), model.cfg.vocab_size], &logits)?;
     Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let dir = &a.model.model;
-    let (model, experts) = load_local(dir)?;
+    let (model, experts) = load(dir, &a.cluster)?;
     let tok = Tokenizer::from_dir(dir)?;
     let prompt = if a.chat {
         let text = tok.apply_chat_template(
@@ -136,7 +162,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut dec = StreamDecoder::new();
     let mut stdout = std::io::stdout().lock();
     let started = std::time::Instant::now();
-    let out = generate(&model, &experts, &req, |id| {
+    let out = generate(&model, experts.as_ref(), &req, |id| {
         let piece = dec.push(&tok, id)?;
         // A closed stdout (a pipe to `head`) ends the generation instead of failing it.
         Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok())

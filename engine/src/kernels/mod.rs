@@ -5,8 +5,35 @@
 //! AVX2, AVX-512 and NEON paths all follow that order, so their results are bit-identical, and so is a
 //! row computed alone or inside a batch: that is what makes distributed output equal single-process
 //! output and keeps a sequence's tokens independent of its batch.
+//!
+//! How the SIMD paths keep the order:
+//! - AVX-512 holds lanes 0-15 of one (row, token) pair in one `__m512`; AVX2 in two `__m256`
+//!   (lanes 0-7 and 8-15); NEON in four `float32x4_t`. Each full chunk of 16 columns is one
+//!   fused multiply-add per register, in increasing `k`.
+//! - The tail (`k` past the last full chunk) is added with scalar `mul_add` into lane `k % 16` of
+//!   the spilled accumulators, and [`fold_lanes`] folds them; both are shared by every path.
+//! - Blocking over rows and tokens only changes which independent dot products run side by side,
+//!   never the operations inside one, so batch size, tile shape and the rayon split cannot change a
+//!   single bit of the output.
+//!
+//! Non-finite inputs: a NaN anywhere in a dot product gives a NaN, but the NaN's payload and sign
+//! may differ between paths (hardware and libm propagate different operands). Everything else,
+//! including signed zeros, infinities and subnormals, is bit-identical.
 
 pub mod scalar;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+// The NEON path is compiled on aarch64 and, for its unit tests only, on other targets against a
+// small software emulation of the four intrinsics it uses.
+#[cfg(any(all(target_arch = "aarch64", target_feature = "neon"), test))]
+mod neon;
+
+use std::sync::OnceLock;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
 
 use crate::tensor::Mat;
 
@@ -27,21 +54,402 @@ pub fn fold_lanes(acc: &[f32; LANES]) -> f32 {
     a[0]
 }
 
+/// A kernel implementation ("code path"). Every path gives bit-identical results; they differ only
+/// in speed and in which CPUs can run them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Path {
+    /// Portable scalar code (the reference order, run through the same blocking and threading).
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C, 256-bit registers.
+    Avx2,
+    /// x86-64 AVX-512F (+ AVX2, FMA, F16C), 512-bit registers.
+    Avx512,
+    /// aarch64 NEON, 128-bit registers.
+    Neon,
+}
+
+impl Path {
+    /// Whether this CPU can run the path.
+    pub fn is_available(self) -> bool {
+        match self {
+            Path::Scalar => true,
+            Path::Avx2 => cpu().avx2,
+            Path::Avx512 => cpu().avx512,
+            Path::Neon => cfg!(all(target_arch = "aarch64", target_feature = "neon")),
+        }
+    }
+
+    /// Row x token tile shape (rows, tokens) of the path's matmul micro-kernel.
+    fn tile_shape(self) -> (usize, usize) {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx512 => (x86::R512, x86::T512),
+            #[cfg(target_arch = "x86_64")]
+            Path::Avx2 => (x86::R256, x86::T256),
+            _ => (1, 1),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Cpu {
+    avx2: bool,
+    avx512: bool,
+}
+
+/// CPU features, detected once.
+fn cpu() -> Cpu {
+    static CPU: OnceLock<Cpu> = OnceLock::new();
+    *CPU.get_or_init(detect)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> Cpu {
+    let avx2 = std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c");
+    let avx512 = avx2 && std::arch::is_x86_feature_detected!("avx512f");
+    Cpu { avx2, avx512 }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> Cpu {
+    Cpu {
+        avx2: false,
+        avx512: false,
+    }
+}
+
+/// The paths this CPU can run, slowest first (always starts with [`Path::Scalar`]).
+pub fn available_paths() -> Vec<Path> {
+    [Path::Scalar, Path::Neon, Path::Avx2, Path::Avx512]
+        .into_iter()
+        .filter(|p| p.is_available())
+        .collect()
+}
+
+/// The fastest available path, chosen once per process.
+pub fn best_path() -> Path {
+    static BEST: OnceLock<Path> = OnceLock::new();
+    *BEST.get_or_init(|| {
+        available_paths()
+            .last()
+            .copied()
+            .unwrap_or(Path::Scalar)
+    })
+}
+
+fn check_path(path: Path) {
+    assert!(
+        path.is_available(),
+        "kernel path {path:?} is not available on this CPU"
+    );
+}
+
+/// Weight element types the kernels read.
+#[cfg(target_arch = "x86_64")]
+pub(crate) trait Elem: Copy + Send + Sync + x86::Load {
+    /// Exact conversion to f32.
+    fn to_f32(self) -> f32;
+}
+
+/// Weight element types the kernels read.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) trait Elem: Copy + Send + Sync {
+    /// Exact conversion to f32.
+    fn to_f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+/// Adds the tail `w[j] * x[j]` (columns past the last full chunk of 16) into lane `j` of the spilled
+/// accumulators; `j` is the column's lane because the tail starts at a multiple of 16.
+#[inline(always)]
+pub(crate) fn tail_fma<W: Elem>(lanes: &mut [f32; LANES], w: &[W], x: &[f32]) {
+    for ((l, wv), xv) in lanes.iter_mut().zip(w).zip(x) {
+        *l = wv.to_f32().mul_add(*xv, *l);
+    }
+}
+
 /// Canonical dot product of two f32 slices of equal length.
+///
+/// # Panics
+/// When the lengths differ.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    scalar::dot_f32(a, b)
+    dot_with(best_path(), a, b)
+}
+
+/// [`dot`] on a chosen path.
+///
+/// # Panics
+/// When the lengths differ or the path is not available.
+pub fn dot_with(path: Path, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "dot: lengths differ");
+    check_path(path);
+    let mut out = [0f32];
+    tile(path, a, a.len(), b, 1, 1, &mut out);
+    out[0]
 }
 
 /// `out[t * rows + r] = dot(W[r, :], x[t, :])` for a weight matrix `w` of shape `[rows, cols]`
 /// (row-major, any stored dtype) and `n_tokens` activations `x` of length `cols` each.
 ///
+/// Runs on the calling thread for small products and on the current rayon pool otherwise; the
+/// result never depends on the number of threads or on `n_tokens`.
+///
 /// # Panics
 /// When the slice lengths disagree with `rows`, `cols` and `n_tokens` (a caller bug, not input).
 pub fn matmul(w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n_tokens: usize, out: &mut [f32]) {
-    assert_eq!(w.len(), rows * cols, "weight size");
-    assert_eq!(x.len(), n_tokens * cols, "activation size");
-    assert_eq!(out.len(), n_tokens * rows, "output size");
-    scalar::matmul(w, rows, cols, x, n_tokens, out);
+    matmul_with(best_path(), w, rows, cols, x, n_tokens, out);
+}
+
+/// [`matmul`] on a chosen path.
+///
+/// # Panics
+/// As [`matmul`], and when the path is not available on this CPU.
+pub fn matmul_with(
+    path: Path,
+    w: Mat<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(Some(w.len()), rows.checked_mul(cols), "weight size");
+    assert_eq!(Some(x.len()), n_tokens.checked_mul(cols), "activation size");
+    assert_eq!(Some(out.len()), n_tokens.checked_mul(rows), "output size");
+    check_path(path);
+    match w {
+        Mat::F32(s) => drive(path, s, rows, cols, x, n_tokens, out),
+        Mat::F16(s) => drive(path, s, rows, cols, x, n_tokens, out),
+        Mat::BF16(s) => drive(path, s, rows, cols, x, n_tokens, out),
+    }
+}
+
+/// Largest tile any path uses (rows x tokens), for the stack buffer of a tile's results.
+const MAX_TILE: usize = 32;
+
+/// Below this many multiply-adds a matmul runs on the calling thread (rayon costs microseconds).
+const SERIAL_WORK: usize = 1 << 16;
+
+/// Weight bytes per parallel task (rows are grouped so a task streams about this much).
+const BLOCK_BYTES: usize = 64 << 10;
+
+/// Computes the `rn x tn` dot products of rows `w[r * cols..]` and tokens `x[t * cols..]` into
+/// `res[r * tn + t]`, on `path` (which the caller has checked is available).
+#[inline]
+fn tile<W: Elem>(
+    path: Path,
+    w: &[W],
+    cols: usize,
+    x: &[f32],
+    rn: usize,
+    tn: usize,
+    res: &mut [f32],
+) {
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `path` is available (checked by every public entry point), so the CPU has
+        // AVX-512F, AVX2, FMA and F16C.
+        Path::Avx512 => unsafe { x86::tile512(w, cols, x, rn, tn, res) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above, the CPU has AVX2, FMA and F16C.
+        Path::Avx2 => unsafe { x86::tile256(w, cols, x, rn, tn, res) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Path::Neon => neon::tile(w, cols, x, rn, tn, res),
+        _ => scalar::tile(w, cols, x, rn, tn, res),
+    }
+}
+
+/// The output pointer shared by the parallel tasks; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+
+// SAFETY: the pointer is only used to write elements that exactly one task owns (see `drive`).
+unsafe impl Send for OutPtr {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+fn drive<W: Elem>(
+    path: Path,
+    w: &[W],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    if out.is_empty() {
+        return;
+    }
+    let (rt, tt) = path.tile_shape();
+    debug_assert!(rt * tt <= MAX_TILE);
+    let row_bytes = (cols * size_of::<W>()).max(1);
+    let threads = rayon::current_num_threads();
+    let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
+    let serial = threads <= 1 || work < SERIAL_WORK || rows <= rt;
+
+    // Rows per task: about BLOCK_BYTES of weights, a multiple of the tile height, and small enough
+    // that every thread gets several tasks (work stealing then evens out the load).
+    let mut block = (BLOCK_BYTES / row_bytes).max(1);
+    if !serial {
+        block = block.min(rows.div_ceil(4 * threads));
+    }
+    let block = block.div_ceil(rt) * rt;
+    let n_blocks = rows.div_ceil(block);
+
+    let out_len = out.len();
+    let optr = OutPtr(out.as_mut_ptr());
+    let run = |b: usize| {
+        let r_begin = b * block;
+        let r_end = (r_begin + block).min(rows);
+        let mut res = [0f32; MAX_TILE];
+        for t0 in (0..n_tokens).step_by(tt) {
+            let tn = tt.min(n_tokens - t0);
+            let xs = &x[t0 * cols..(t0 + tn) * cols];
+            for r0 in (r_begin..r_end).step_by(rt) {
+                let rn = rt.min(r_end - r0);
+                let ws = &w[r0 * cols..(r0 + rn) * cols];
+                tile(path, ws, cols, xs, rn, tn, &mut res[..rn * tn]);
+                for r in 0..rn {
+                    for t in 0..tn {
+                        let i = (t0 + t) * rows + r0 + r;
+                        assert!(i < out_len);
+                        // SAFETY: `i < out.len()` (checked above) and element `(t, r)` with
+                        // `r` in this task's row block belongs to this task alone; `out` is
+                        // exclusively borrowed for the whole call and outlives the tasks.
+                        unsafe { *optr.get().add(i) = res[r * tn + t] };
+                    }
+                }
+            }
+        }
+    };
+    if serial {
+        (0..n_blocks).for_each(run);
+    } else {
+        (0..n_blocks).into_par_iter().for_each(run);
+    }
+}
+
+/// `y[i] = a.mul_add(x[i], y[i])` (fused: one rounding) for every `i`.
+///
+/// # Panics
+/// When the lengths differ.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    axpy_with(best_path(), a, x, y);
+}
+
+/// [`axpy`] on a chosen path.
+///
+/// # Panics
+/// When the lengths differ or the path is not available.
+pub fn axpy_with(path: Path, a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len(), "axpy: lengths differ");
+    check_path(path);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is available, so the CPU has AVX-512F and FMA.
+        Path::Avx512 => unsafe { x86::axpy512(a, x, y) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is available, so the CPU has AVX2 and FMA.
+        Path::Avx2 => unsafe { x86::axpy256(a, x, y) },
+        _ => scalar::axpy(a, x, y),
+    }
+}
+
+/// The canonical `exp`: built from IEEE additions, multiplications, fused multiply-adds and bit
+/// operations only, so it gives the same bits on every machine, compiler and code path (unlike the
+/// platform libm). Relative error about 1 ulp; `exp(x)` is `+inf` above about 88.72 and `0` below
+/// about -103.97.
+#[inline]
+pub fn exp(x: f32) -> f32 {
+    // 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 (Cody-Waite with a two-part ln 2).
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI = 0.693359375 with few mantissa bits.
+    const LN2_HI: f32 = f32::from_bits(0x3F31_8000);
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Rounds to nearest (even) for |v| < 2^22: adding 1.5 * 2^23 leaves no fraction bits.
+    const ROUND: f32 = 12_582_912.0;
+    // NaN passes through `clamp`; the limits keep n within [-150, 129].
+    let x = x.clamp(-104.0, 89.0);
+    let n = x.mul_add(LOG2E, ROUND) - ROUND;
+    let r = n.mul_add(-LN2_HI, x);
+    let r = n.mul_add(-LN2_LO, r);
+    // e^r on |r| <= 0.35: Taylor series to degree 7 (truncation < 2^-27 relative).
+    let mut p: f32 = 1.0 / 5040.0;
+    p = p.mul_add(r, 1.0 / 720.0);
+    p = p.mul_add(r, 1.0 / 120.0);
+    p = p.mul_add(r, 1.0 / 24.0);
+    p = p.mul_add(r, 1.0 / 6.0);
+    p = p.mul_add(r, 0.5);
+    p = p.mul_add(r, 1.0);
+    p = p.mul_add(r, 1.0);
+    // 2^n as two factors so each stays a normal float (n in [-150, 129]).
+    let n = n as i32;
+    let n1 = n >> 1;
+    let n2 = n - n1;
+    let s1 = f32::from_bits(((n1 + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n2 + 127) as u32) << 23);
+    p * s1 * s2
+}
+
+/// The canonical SiLU, `x / (1 + exp(-x))` with the canonical [`exp`].
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` (SwiGLU), with [`silu`].
+///
+/// # Panics
+/// When the lengths differ.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    silu_mul_with(best_path(), gate, up);
+}
+
+/// [`silu_mul`] on a chosen path (the same operations everywhere; the SIMD paths only compile
+/// them with wider registers and hardware FMA).
+///
+/// # Panics
+/// When the lengths differ or the path is not available.
+pub fn silu_mul_with(path: Path, gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len(), "silu_mul: lengths differ");
+    check_path(path);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is available, so the CPU has AVX-512F and FMA.
+        Path::Avx512 => unsafe { x86::silu_mul512(gate, up) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the path is available, so the CPU has AVX2 and FMA.
+        Path::Avx2 => unsafe { x86::silu_mul256(gate, up) },
+        _ => scalar::silu_mul(gate, up),
+    }
 }
 
 /// Converts `out.len()` elements of `w` starting at element `offset` to f32.
@@ -59,5 +467,38 @@ pub fn convert_to_f32(w: Mat<'_>, offset: usize, out: &mut [f32]) {
                 *o = v.to_f32();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f64;
+        let mut x = -103.0f32;
+        while x < 88.7 {
+            let got = f64::from(exp(x));
+            let want = f64::from(x).exp();
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.001_3;
+        }
+        assert!(worst < 3.0e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(-200.0), 0.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn silu_values() {
+        assert_eq!(silu(0.0), 0.0);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((silu(-1.0) + 0.268_941_42).abs() < 1e-6);
+        assert_eq!(silu(100.0), 100.0);
+        assert_eq!(silu(-100.0), -0.0);
     }
 }

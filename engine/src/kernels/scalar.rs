@@ -2,7 +2,7 @@
 
 use half::{bf16, f16};
 
-use super::{LANES, fold_lanes};
+use super::{Elem, LANES, fold_lanes, silu};
 use crate::tensor::Mat;
 
 /// Canonical-order dot product (see the module docs of `kernels`).
@@ -38,5 +38,30 @@ pub fn matmul(w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n_tokens: usize, 
         for r in 0..rows {
             out[t * rows + r] = dot_row(w, r, xt);
         }
+    }
+}
+
+/// Scalar micro-kernel for the blocked driver: `res[r * tn + t] = dot(w[r], x[t])`.
+pub(super) fn tile<W: Elem>(w: &[W], cols: usize, x: &[f32], rn: usize, tn: usize, res: &mut [f32]) {
+    for r in 0..rn {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for t in 0..tn {
+            res[r * tn + t] = dot_by(cols, |k| wr[k].to_f32(), &x[t * cols..(t + 1) * cols]);
+        }
+    }
+}
+
+/// Reference `y[i] = a.mul_add(x[i], y[i])`, see [`super::axpy`].
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv = a.mul_add(*xv, *yv);
+    }
+}
+
+/// Reference `gate[i] = silu(gate[i]) * up[i]`, see [`super::silu_mul`].
+#[inline]
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * *u;
     }
 }
