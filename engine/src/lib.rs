@@ -4,6 +4,7 @@
 pub mod config;
 pub mod error;
 pub mod experts;
+pub mod fingerprint;
 pub mod generate;
 pub mod kernels;
 pub mod layers;
