@@ -23,6 +23,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Write the logits at every position of a token sequence as a float32 .npy [n_tokens, vocab].
     Logits(LogitsArgs),
+    /// Measure decode and prefill tokens/s and the MoE dispatch round trip.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Args)]
@@ -99,6 +101,11 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
+        Command::Bench(a) => {
+            let (model, experts) = load(&a.model.model, &a.cluster)?;
+            let report = crate::bench::measure(&model, experts.as_ref(), &a)?;
+            crate::bench::print(&report, a.json)
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The `moeshard` command line: one binary for single-process runs, the coordinator and workers.
 
+mod bench;
 mod cli;
 
 use std::process::ExitCode;

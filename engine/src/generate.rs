@@ -60,21 +60,7 @@ pub fn generate(
         )));
     }
     let mut sampler = Sampler::new(req.sampling);
-    let mut logits = Vec::new();
-    let chunks: Vec<&[u32]> = req.prompt.chunks(PREFILL_CHUNK).collect();
-    for (i, chunk) in chunks.iter().enumerate() {
-        let want = if i + 1 == chunks.len() {
-            WantLogits::Last
-        } else {
-            WantLogits::None
-        };
-        let mut steps = [SeqStep {
-            tokens: chunk,
-            cache: &mut cache,
-            want,
-        }];
-        logits = model.forward(&mut steps, experts)?.pop().unwrap_or_default();
-    }
+    let mut logits = prefill(model, experts, &req.prompt, &mut cache)?;
     let mut tokens = Vec::new();
     loop {
         if tokens.len() >= req.max_tokens {
@@ -126,4 +112,30 @@ pub fn all_logits(model: &Model, experts: &dyn ExpertBackend, tokens: &[u32]) ->
         out.extend(model.forward(&mut steps, experts)?.pop().unwrap_or_default());
     }
     Ok(out)
+}
+
+/// Runs `tokens` through the model in chunks of [`PREFILL_CHUNK`], appending to `cache`; returns
+/// the logits of the last position.
+pub fn prefill(
+    model: &Model,
+    experts: &dyn ExpertBackend,
+    tokens: &[u32],
+    cache: &mut crate::model::KvCache,
+) -> Result<Vec<f32>> {
+    let mut logits = Vec::new();
+    let chunks: Vec<&[u32]> = tokens.chunks(PREFILL_CHUNK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let want = if i + 1 == chunks.len() {
+            WantLogits::Last
+        } else {
+            WantLogits::None
+        };
+        let mut steps = [SeqStep {
+            tokens: chunk,
+            cache: &mut *cache,
+            want,
+        }];
+        logits = model.forward(&mut steps, experts)?.pop().unwrap_or_default();
+    }
+    Ok(logits)
 }
