@@ -130,7 +130,10 @@ mod tests {
     async fn a_frame_just_over_the_limit_is_refused() {
         let wire = 1001u32.to_le_bytes();
         let err = read_frame(&mut wire.as_slice(), 1000).await.unwrap_err();
-        assert!(matches!(err, ProtoError::FrameTooLarge { len: 1001, .. }), "{err}");
+        assert!(
+            matches!(err, ProtoError::FrameTooLarge { len: 1001, .. }),
+            "{err}"
+        );
     }
 
     #[tokio::test]
@@ -148,7 +151,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, ProtoError::Truncated { what: "the length prefix", .. }),
+            matches!(
+                err,
+                ProtoError::Truncated {
+                    what: "the length prefix",
+                    ..
+                }
+            ),
             "{err}"
         );
         // Cut inside the message.
@@ -157,7 +166,13 @@ mod tests {
             .await
             .unwrap_err();
         assert!(
-            matches!(err, ProtoError::Truncated { what: "the message", .. }),
+            matches!(
+                err,
+                ProtoError::Truncated {
+                    what: "the message",
+                    ..
+                }
+            ),
             "{err}"
         );
     }

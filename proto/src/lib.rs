@@ -26,6 +26,59 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// room for big batches while keeping a malicious length from allocating gigabytes.
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
 
+/// Which wire carries the messages between the coordinator and a worker.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// gRPC over HTTP/2 (tonic): unary calls.
+    #[default]
+    Grpc,
+    /// QUIC (quinn, TLS 1.3): one bidirectional stream per request, length-prefixed frames.
+    Quic,
+}
+
+impl Transport {
+    /// The command-line spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Grpc => "grpc",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Transport {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "grpc" => Ok(Transport::Grpc),
+            "quic" => Ok(Transport::Quic),
+            other => Err(format!("unknown transport {other:?}; use grpc or quic")),
+        }
+    }
+}
+
+/// The line a worker prints on stdout once it listens, so a parent can read its ephemeral port:
+/// `moeshard worker listening on ADDR transport=T`.
+pub fn listening_line(addr: std::net::SocketAddr, transport: Transport) -> String {
+    format!("{LISTENING_PREFIX}{addr} transport={transport}")
+}
+
+/// Parses a [`listening_line`] back into the address and transport.
+pub fn parse_listening_line(line: &str) -> Option<(std::net::SocketAddr, Transport)> {
+    let rest = line.trim().strip_prefix(LISTENING_PREFIX)?;
+    let (addr, t) = rest.split_once(" transport=")?;
+    Some((addr.parse().ok()?, t.parse().ok()?))
+}
+
+const LISTENING_PREFIX: &str = "moeshard worker listening on ";
+
 /// ALPN protocol name of moeshard over QUIC.
 pub const ALPN: &[u8] = b"moeshard/1";
 
@@ -73,3 +126,20 @@ pub enum ProtoError {
 
 /// Result alias for the wire layer.
 pub type Result<T, E = ProtoError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listening_line_round_trips() {
+        let addr: std::net::SocketAddr = "127.0.0.1:40123".parse().unwrap();
+        let line = listening_line(addr, Transport::Quic);
+        assert_eq!(
+            line,
+            "moeshard worker listening on 127.0.0.1:40123 transport=quic"
+        );
+        assert_eq!(parse_listening_line(&line), Some((addr, Transport::Quic)));
+        assert_eq!(parse_listening_line("something else"), None);
+    }
+}

@@ -14,7 +14,7 @@ pub fn f32_to_le_bytes(values: &[f32]) -> Vec<u8> {
 /// Little-endian f32 bytes back into values; the length must be a multiple of 4 and, when
 /// `expected` is given, hold exactly that many values.
 pub fn f32_from_le_bytes(bytes: &[u8], expected: Option<usize>) -> Result<Vec<f32>> {
-    if bytes.len() % 4 != 0 {
+    if !bytes.len().is_multiple_of(4) {
         return Err(ProtoError::BadTensor {
             msg: format!("{} bytes are not a whole number of f32 values", bytes.len()),
         });
@@ -39,7 +39,15 @@ mod tests {
 
     #[test]
     fn round_trip_keeps_every_bit() {
-        let v = [0.0, -0.0, 1.5, f32::MIN_POSITIVE, f32::NAN, f32::INFINITY, 1e-42];
+        let v = [
+            0.0,
+            -0.0,
+            1.5,
+            f32::MIN_POSITIVE,
+            f32::NAN,
+            f32::INFINITY,
+            1e-42,
+        ];
         let b = f32_to_le_bytes(&v);
         assert_eq!(&b[8..12], &1.5f32.to_le_bytes());
         let back = f32_from_le_bytes(&b, Some(v.len())).unwrap();

@@ -1,0 +1,381 @@
+//! The worker's state and request handling, independent of the transport.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use moeshard_engine::config::MlpKind;
+use moeshard_engine::fingerprint::model_fingerprint;
+use moeshard_engine::safetensors::Checkpoint;
+use moeshard_engine::{EngineError, ExpertRow, LocalExperts, ModelConfig};
+use moeshard_proto::tensor::{f32_from_le_bytes, f32_to_le_bytes};
+use moeshard_proto::v1::{
+    AssignRequest, AssignResponse, Dtype, ExpertBatchRequest, ExpertBatchResponse, HealthResponse,
+    HelloRequest, HelloResponse, StatsResponse,
+};
+use moeshard_proto::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use tracing::{debug, info};
+
+use crate::{Result, WorkerError};
+
+#[derive(Default)]
+struct Counters {
+    batches: AtomicU64,
+    rows: AtomicU64,
+    tokens: AtomicU64,
+    compute_us: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+/// What a worker hosts right now.
+struct Hosted {
+    experts: Arc<LocalExperts>,
+    bytes: u64,
+}
+
+/// A worker's model, assignment and counters.
+pub struct WorkerCore {
+    cfg: ModelConfig,
+    ckpt: Checkpoint,
+    fingerprint: String,
+    capacity: u64,
+    worker_id: String,
+    checkpoint_files: Vec<PathBuf>,
+    hosted: RwLock<Hosted>,
+    /// Serialises assignments so two coordinators' unions cannot race.
+    assigning: Mutex<()>,
+    counters: Counters,
+}
+
+impl WorkerCore {
+    /// Opens the checkpoint in `dir` (config and tensor index; nothing is read from the weights)
+    /// and offers `capacity` bytes, by default enough for every routed expert.
+    pub fn open(dir: &Path, capacity: Option<u64>) -> Result<Self> {
+        let cfg = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let fingerprint = model_fingerprint(dir, &ckpt)?;
+        let mut files = BTreeSet::new();
+        for name in ckpt.names() {
+            if let Some((path, _)) = ckpt.info(name) {
+                files.insert(path.to_path_buf());
+            }
+        }
+        let all: Vec<(usize, usize)> = all_experts(&cfg).collect();
+        let capacity = match capacity {
+            Some(c) => c,
+            None => bytes_of(&cfg, &ckpt, &all)?,
+        };
+        let core = WorkerCore {
+            hosted: RwLock::new(Hosted {
+                experts: Arc::new(LocalExperts::new(cfg.hidden_size, Default::default())),
+                bytes: 0,
+            }),
+            cfg,
+            ckpt,
+            fingerprint,
+            capacity,
+            worker_id: worker_id(),
+            checkpoint_files: files.into_iter().collect(),
+            assigning: Mutex::new(()),
+            counters: Counters::default(),
+        };
+        info!(
+            model = %dir.display(),
+            fingerprint = %core.fingerprint,
+            capacity = core.capacity,
+            "worker opened its checkpoint"
+        );
+        Ok(core)
+    }
+
+    /// The model's configuration.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Hex model fingerprint.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Bytes of expert weights offered.
+    pub fn capacity(&self) -> u64 {
+        self.capacity
+    }
+
+    fn is_expert(&self, layer: usize, expert: usize) -> bool {
+        expert < self.cfg.num_experts && self.cfg.layer_kinds.get(layer) == Some(&MlpKind::Moe)
+    }
+
+    /// Answers a coordinator's hello.
+    pub fn hello(&self, req: &HelloRequest) -> HelloResponse {
+        info!(
+            coordinator = %req.coordinator_id,
+            protocol = req.protocol_version,
+            "hello"
+        );
+        HelloResponse {
+            protocol_version: PROTOCOL_VERSION,
+            worker_id: self.worker_id.clone(),
+            capacity_bytes: self.capacity,
+            model_fingerprint: self.fingerprint.clone(),
+            hidden_size: self.cfg.hidden_size as u32,
+            num_experts: self.cfg.num_experts as u32,
+        }
+    }
+
+    /// Adds `req`'s experts to those hosted (assignments from several coordinators add up).
+    pub fn assign(&self, req: &AssignRequest) -> Result<AssignResponse> {
+        if req.model_fingerprint != self.fingerprint {
+            return Err(WorkerError::FingerprintMismatch {
+                ours: self.fingerprint.clone(),
+                theirs: req.model_fingerprint.clone(),
+            });
+        }
+        let _guard = self.assigning.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.hosted_experts();
+        let mut want: BTreeSet<(usize, usize)> = current.experts.held().collect();
+        for id in &req.experts {
+            let (l, e) = (id.layer as usize, id.expert as usize);
+            if !self.is_expert(l, e) {
+                return Err(WorkerError::NoSuchExpert {
+                    layer: l,
+                    expert: e,
+                });
+            }
+            want.insert((l, e));
+        }
+        let want: Vec<(usize, usize)> = want.into_iter().collect();
+        let need = bytes_of(&self.cfg, &self.ckpt, &want)?;
+        if need > self.capacity {
+            return Err(WorkerError::OverCapacity {
+                experts: want.len(),
+                need,
+                capacity: self.capacity,
+            });
+        }
+        // Maps views over the assigned tensors only; no weight byte is read here.
+        let experts = LocalExperts::load(&self.cfg, &self.ckpt, want.iter().copied())?;
+        let n = want.len();
+        {
+            let mut h = self.hosted.write().unwrap_or_else(|p| p.into_inner());
+            *h = Hosted {
+                experts: Arc::new(experts),
+                bytes: need,
+            };
+        }
+        info!(
+            assigned = req.experts.len(),
+            hosted = n,
+            hosted_bytes = need,
+            "assignment loaded"
+        );
+        Ok(AssignResponse {
+            hosted_experts: n as u32,
+            hosted_bytes: need,
+        })
+    }
+
+    fn hosted_experts(&self) -> Hosted {
+        let h = self.hosted.read().unwrap_or_else(|p| p.into_inner());
+        Hosted {
+            experts: Arc::clone(&h.experts),
+            bytes: h.bytes,
+        }
+    }
+
+    /// Whether the worker hosts anything yet.
+    pub fn health(&self) -> HealthResponse {
+        let n = self.hosted_experts().experts.held().count();
+        HealthResponse {
+            ready: n > 0,
+            hosted_experts: n as u32,
+        }
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> StatsResponse {
+        let c = &self.counters;
+        let h = self.hosted_experts();
+        StatsResponse {
+            batches: c.batches.load(Ordering::Relaxed),
+            rows: c.rows.load(Ordering::Relaxed),
+            tokens: c.tokens.load(Ordering::Relaxed),
+            compute_us: c.compute_us.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            hosted_experts: h.experts.held().count() as u32,
+            hosted_bytes: h.bytes,
+            resident_checkpoint_bytes: self.resident_checkpoint_bytes().unwrap_or(0),
+        }
+    }
+
+    /// Bytes of this worker's checkpoint files resident in its own memory (mapped pages present
+    /// in this process), where the OS tells (Linux).
+    pub fn resident_checkpoint_bytes(&self) -> Option<u64> {
+        resident_bytes(&self.checkpoint_files)
+    }
+
+    /// Checks a batch and turns it into hidden states and rows.
+    fn decode_batch(
+        &self,
+        req: &ExpertBatchRequest,
+        hosted: &LocalExperts,
+    ) -> Result<(Vec<f32>, Vec<ExpertRow>)> {
+        let layer = req.layer as usize;
+        let bad = |msg: String| WorkerError::BadBatch { layer, msg };
+        if req.dtype != Dtype::F32 as i32 {
+            return Err(bad(format!(
+                "activation dtype {} is not supported yet (only f32)",
+                Dtype::try_from(req.dtype)
+                    .map(|d| d.as_str_name().to_string())
+                    .unwrap_or_else(|_| req.dtype.to_string())
+            )));
+        }
+        let h = self.cfg.hidden_size;
+        if req.hidden_size as usize != h {
+            return Err(bad(format!(
+                "hidden size {} differs from the model's {h}",
+                req.hidden_size
+            )));
+        }
+        let n_tokens = req.n_tokens as usize;
+        let values = n_tokens
+            .checked_mul(h)
+            .filter(|v| v.saturating_mul(4) <= MAX_FRAME_BYTES)
+            .ok_or_else(|| bad(format!("{n_tokens} tokens exceed the message limit")))?;
+        let hidden = f32_from_le_bytes(&req.activations, Some(values))
+            .map_err(|e| bad(format!("activations: {e}")))?;
+        let n = req.tokens.len();
+        if req.experts.len() != n || req.weights.len() != n {
+            return Err(bad(format!(
+                "{} tokens, {} experts and {} weights do not make rows",
+                n,
+                req.experts.len(),
+                req.weights.len()
+            )));
+        }
+        let mut rows = Vec::with_capacity(n);
+        for ((&token, &expert), &weight) in req.tokens.iter().zip(&req.experts).zip(&req.weights) {
+            if token as usize >= n_tokens {
+                return Err(bad(format!("a row names token {token} of {n_tokens}")));
+            }
+            if hosted.get(layer, expert as usize).is_none() {
+                return Err(WorkerError::NotHosted {
+                    layer,
+                    expert: expert as usize,
+                });
+            }
+            rows.push(ExpertRow {
+                token,
+                expert,
+                weight,
+            });
+        }
+        Ok((hidden, rows))
+    }
+
+    /// Computes an expert batch on the rayon pool and answers when it is done.
+    pub async fn compute(&self, req: ExpertBatchRequest) -> Result<ExpertBatchResponse> {
+        let layer = req.layer as usize;
+        let hosted = self.hosted_experts().experts;
+        let (hidden, rows) = self.decode_batch(&req, &hosted)?;
+        let (n_rows, n_tokens, bytes_in) = (rows.len(), req.n_tokens, req.activations.len());
+        drop(req);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        rayon::spawn(move || {
+            let started = Instant::now();
+            let out = hosted.compute(layer, &hidden, &rows);
+            // The receiver is gone only when the request was abandoned; nothing to do then.
+            let _ = tx.send((out, started.elapsed()));
+        });
+        let (out, took) = rx.await.map_err(|_| WorkerError::JobLost { layer })?;
+        let out = out?;
+        let outputs = Bytes::from(f32_to_le_bytes(&out));
+        let compute_us = took.as_micros() as u64;
+        let c = &self.counters;
+        c.batches.fetch_add(1, Ordering::Relaxed);
+        c.rows.fetch_add(n_rows as u64, Ordering::Relaxed);
+        c.tokens.fetch_add(u64::from(n_tokens), Ordering::Relaxed);
+        c.compute_us.fetch_add(compute_us, Ordering::Relaxed);
+        c.bytes_in.fetch_add(bytes_in as u64, Ordering::Relaxed);
+        c.bytes_out
+            .fetch_add(outputs.len() as u64, Ordering::Relaxed);
+        debug!(layer, rows = n_rows, tokens = n_tokens, compute_us, "batch");
+        Ok(ExpertBatchResponse {
+            dtype: Dtype::F32 as i32,
+            outputs,
+            compute_us,
+        })
+    }
+}
+
+fn all_experts(cfg: &ModelConfig) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let n = cfg.num_experts;
+    cfg.moe_layers()
+        .flat_map(move |l| (0..n).map(move |e| (l, e)))
+}
+
+/// Bytes of the weights of `experts`, from the tensor index.
+fn bytes_of(cfg: &ModelConfig, ckpt: &Checkpoint, experts: &[(usize, usize)]) -> Result<u64> {
+    let mut total = 0u64;
+    for &(l, e) in experts {
+        let names = cfg.expert_tensor_names(l, e);
+        for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
+            let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
+                name: name.clone(),
+                dir: ckpt.dir().to_path_buf(),
+            })?;
+            total += info.len as u64;
+        }
+    }
+    Ok(total)
+}
+
+fn worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "worker".to_string());
+    format!("{host}/pid{}", std::process::id())
+}
+
+/// Bytes of the mappings of `files` that are resident in this process (the `Rss` of those
+/// mappings in `/proc/self/smaps`): pages of the files this process has touched, not the page
+/// cache at large. `None` where the OS does not tell.
+pub fn resident_bytes(files: &[PathBuf]) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let wanted: Vec<PathBuf> = files
+        .iter()
+        .map(|f| std::fs::canonicalize(f).unwrap_or_else(|_| f.clone()))
+        .collect();
+    let mut in_file = false;
+    let mut total_kb = 0u64;
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping header: "start-end perms offset dev inode [path]".
+            let path = fields.nth(4).map(|_| {
+                // The path may contain spaces: take everything after the inode field.
+                line.split_whitespace()
+                    .skip(5)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            });
+            in_file = path.is_some_and(|p| wanted.iter().any(|w| w.as_os_str() == p.as_str()));
+        } else if in_file && first == "Rss:" {
+            total_kb += fields
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Some(total_kb * 1024)
+}
