@@ -6,6 +6,7 @@ pub mod error;
 pub mod experts;
 pub mod fingerprint;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod layers;
 pub mod model;
