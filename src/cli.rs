@@ -3,15 +3,19 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand};
 use moeshard_engine::generate::{GenerateRequest, all_logits, generate};
+use moeshard_engine::npy;
 use moeshard_engine::sampling::SamplingParams;
 use moeshard_engine::tokenizer::{ChatMessage, StreamDecoder, Tokenizer};
-use moeshard_engine::{ExpertBackend, LocalExperts, Model, npy};
 
 #[derive(Parser)]
-#[command(name = "moeshard", version, about = "Exact expert-parallel inference of MoE models")]
+#[command(
+    name = "moeshard",
+    version,
+    about = "Exact expert-parallel inference of MoE models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -25,6 +29,8 @@ enum Command {
     Logits(LogitsArgs),
     /// Measure decode and prefill tokens/s and the MoE dispatch round trip.
     Bench(crate::bench::BenchArgs),
+    /// Serve a checkpoint's routed experts to a coordinator (over gRPC or QUIC).
+    Worker(crate::cluster::WorkerArgs),
 }
 
 #[derive(Args)]
@@ -45,8 +51,20 @@ pub(crate) struct ClusterArgs {
     #[arg(long, default_value_t = 0)]
     pub local_workers: usize,
     /// Wire transport to the workers.
-    #[arg(long, default_value = "grpc")]
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "quic"])]
     pub transport: String,
+    /// Capacities in bytes the local workers offer, one per worker (default: all equal).
+    #[arg(long, value_delimiter = ',', requires = "local_workers")]
+    pub local_capacities: Vec<u64>,
+    /// Host a share of the experts in this process too, up to this many bytes.
+    #[arg(long)]
+    pub coordinator_capacity: Option<u64>,
+    /// Deadline of every request to a worker, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    pub rpc_timeout: f64,
+    /// Deadline of connecting to a worker, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
 }
 
 #[derive(Args)]
@@ -101,39 +119,36 @@ pub fn run() -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
+        Command::Worker(a) => crate::cluster::cmd_worker(a),
         Command::Bench(a) => {
-            let (model, experts) = load(&a.model.model, &a.cluster)?;
-            let report = crate::bench::measure(&model, experts.as_ref(), &a)?;
+            let loaded = load(&a.model.model, &a.cluster)?;
+            let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;
             crate::bench::print(&report, a.json)
         }
     }
 }
 
-/// Loads the dense model and opens the expert backend the cluster options ask for.
-pub(crate) fn load(
-    dir: &std::path::Path,
-    cluster: &ClusterArgs,
-) -> Result<(Model, Box<dyn ExpertBackend>)> {
-    let (model, ckpt) =
-        Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
-    if !cluster.workers.is_empty() || cluster.local_workers > 0 {
-        bail!("remote workers are not built yet");
-    }
-    let experts = LocalExperts::load_all(&model.cfg, &ckpt)
-        .with_context(|| format!("loading the experts in {}", dir.display()))?;
-    Ok((model, Box::new(experts)))
+/// Loads the dense model and opens the expert backend the cluster options ask for (see
+/// [`crate::cluster::Loaded`]: keep it alive while the backend is used).
+pub(crate) fn load(dir: &std::path::Path, cluster: &ClusterArgs) -> Result<crate::cluster::Loaded> {
+    crate::cluster::load(dir, cluster)
 }
 
 fn cmd_logits(a: LogitsArgs) -> Result<()> {
-    let (model, experts) = load(&a.model.model, &a.cluster)?;
-    let logits = all_logits(&model, experts.as_ref(), &a.tokens)?;
+    let loaded = load(&a.model.model, &a.cluster)?;
+    let (model, experts) = (&loaded.model, &loaded.experts);
+    let logits = all_logits(model, experts.as_ref(), &a.tokens)?;
     npy::write_f32(&a.out, &[a.tokens.len(), model.cfg.vocab_size], &logits)?;
+    if let Some(c) = &loaded.cluster {
+        c.log_summary();
+    }
     Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let dir = &a.model.model;
-    let (model, experts) = load(dir, &a.cluster)?;
+    let loaded = load(dir, &a.cluster)?;
+    let (model, experts) = (&loaded.model, &loaded.experts);
     let tok = Tokenizer::from_dir(dir)?;
     let prompt = if a.chat {
         let text = tok.apply_chat_template(
@@ -169,10 +184,13 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     let mut dec = StreamDecoder::new();
     let mut stdout = std::io::stdout().lock();
     let started = std::time::Instant::now();
-    let out = generate(&model, experts.as_ref(), &req, |id| {
+    let out = generate(model, experts.as_ref(), &req, |id| {
         let piece = dec.push(&tok, id)?;
         // A closed stdout (a pipe to `head`) ends the generation instead of failing it.
-        Ok(stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_ok())
+        Ok(stdout
+            .write_all(piece.as_bytes())
+            .and_then(|_| stdout.flush())
+            .is_ok())
     })?;
     let _ = writeln!(stdout);
     let secs = started.elapsed().as_secs_f64();
@@ -182,5 +200,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
         tok_per_s = out.tokens.len() as f64 / secs,
         "generation finished"
     );
+    if let Some(c) = &loaded.cluster {
+        c.log_summary();
+    }
     Ok(())
 }

@@ -82,6 +82,9 @@ mod tests {
         let mut other = config.clone();
         other.push(b'\n');
         assert_eq!(fingerprint_of(&config, &ckpt), fp(&dir));
-        assert_ne!(fingerprint_of(&config, &ckpt), fingerprint_of(&other, &ckpt));
+        assert_ne!(
+            fingerprint_of(&config, &ckpt),
+            fingerprint_of(&other, &ckpt)
+        );
     }
 }

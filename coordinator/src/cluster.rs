@@ -1,0 +1,614 @@
+//! [`ClusterExperts`]: routed experts computed by workers (and optionally a local share), behind
+//! the engine's [`ExpertBackend`] so the forward pass cannot tell it from [`LocalExperts`].
+//!
+//! For every MoE layer, `dispatch` groups the rows by owning host and starts one request per
+//! worker that has rows, carrying only the hidden states of the tokens that worker needs. `wait`
+//! computes the local share, then collects the replies and puts every output back at its row's
+//! index, so the engine's fixed-order combine gives the same bits as a single process.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use moeshard_engine::fingerprint::model_fingerprint;
+use moeshard_engine::safetensors::Checkpoint;
+use moeshard_engine::{
+    EngineError, ExpertBackend, ExpertRow, LocalExperts, ModelConfig, PendingExperts,
+};
+use moeshard_proto::tensor::f32_from_le_bytes;
+use moeshard_proto::v1::{
+    AssignRequest, Dtype, ExpertBatchRequest, ExpertBatchResponse, ExpertId, HelloRequest,
+    StatsResponse,
+};
+use moeshard_proto::{PROTOCOL_VERSION, Transport};
+use tokio::runtime::Runtime;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use crate::client::{CallError, Client};
+use crate::placement::{HostCapacity, Placement, place};
+use crate::stats::DispatchStats;
+use crate::{CoordinatorError, Result};
+
+/// How to reach the workers.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// Worker addresses, `host:port`.
+    pub workers: Vec<String>,
+    /// The wire.
+    pub transport: Transport,
+    /// Deadline of every call to a worker.
+    pub rpc_timeout: Duration,
+    /// Deadline of connecting to a worker.
+    pub connect_timeout: Duration,
+    /// Bytes of experts the coordinator hosts itself, placed like a worker's (`None`: none).
+    pub local_capacity: Option<u64>,
+    /// Name the workers log for this coordinator.
+    pub coordinator_id: String,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            workers: Vec::new(),
+            transport: Transport::Grpc,
+            rpc_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            local_capacity: None,
+            coordinator_id: format!("coordinator/pid{}", std::process::id()),
+        }
+    }
+}
+
+/// A worker of the cluster.
+#[derive(Clone, Debug)]
+pub struct WorkerInfo {
+    /// The address it was reached at.
+    pub addr: String,
+    /// What it calls itself.
+    pub worker_id: String,
+    /// Capacity it offered, in bytes.
+    pub capacity: u64,
+    /// Experts placed on it.
+    pub experts: usize,
+}
+
+struct Worker {
+    info: WorkerInfo,
+    client: Client,
+}
+
+/// Routed experts on workers, reached over gRPC or QUIC.
+pub struct ClusterExperts {
+    runtime: Option<Runtime>,
+    handle: tokio::runtime::Handle,
+    workers: Vec<Arc<Worker>>,
+    /// The coordinator's own share, host index `workers.len()` of the placement.
+    local: Option<LocalExperts>,
+    placement: Placement,
+    hidden_size: usize,
+    transport: Transport,
+    rpc_timeout: Duration,
+    stats: Arc<DispatchStats>,
+}
+
+impl std::fmt::Debug for ClusterExperts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterExperts")
+            .field(
+                "workers",
+                &self.workers.iter().map(|w| &w.info).collect::<Vec<_>>(),
+            )
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+async fn with_deadline<T>(
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, CallError>>,
+) -> Result<T, CallError> {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or(Err(CallError::Timeout(deadline)))
+}
+
+fn expert_bytes(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<u64> {
+    let Some(layer) = cfg.moe_layers().next() else {
+        return Ok(0);
+    };
+    let names = cfg.expert_tensor_names(layer, 0);
+    let mut total = 0;
+    for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
+        let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
+            name: name.clone(),
+            dir: ckpt.dir().to_path_buf(),
+        })?;
+        total += info.len as u64;
+    }
+    Ok(total)
+}
+
+/// Connects to one worker and exchanges hellos; checks protocol and model.
+async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<Worker> {
+    let unreachable = |e: CallError| CoordinatorError::Unreachable {
+        worker: addr.to_string(),
+        msg: e.to_string(),
+    };
+    let client = with_deadline(
+        opts.connect_timeout,
+        Client::connect(addr, opts.transport, opts.connect_timeout),
+    )
+    .await
+    .map_err(unreachable)?;
+    let req = HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        coordinator_id: opts.coordinator_id.clone(),
+    };
+    let hello = with_deadline(opts.rpc_timeout, client.hello(req))
+        .await
+        .map_err(|e| match e {
+            CallError::Status { .. } | CallError::Protocol(_) => CoordinatorError::Call {
+                worker: addr.to_string(),
+                call: "hello",
+                msg: e.to_string(),
+            },
+            e => unreachable(e),
+        })?;
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(CoordinatorError::ProtocolMismatch {
+            worker: addr.to_string(),
+            ours: PROTOCOL_VERSION,
+            theirs: hello.protocol_version,
+        });
+    }
+    if hello.model_fingerprint != fingerprint {
+        return Err(CoordinatorError::FingerprintMismatch {
+            worker: addr.to_string(),
+            ours: fingerprint.to_string(),
+            theirs: hello.model_fingerprint,
+        });
+    }
+    info!(
+        worker = addr,
+        id = %hello.worker_id,
+        capacity = hello.capacity_bytes,
+        "worker said hello"
+    );
+    Ok(Worker {
+        info: WorkerInfo {
+            addr: addr.to_string(),
+            worker_id: hello.worker_id,
+            capacity: hello.capacity_bytes,
+            experts: 0,
+        },
+        client,
+    })
+}
+
+/// Assigns a worker its experts and waits until it reports ready.
+async fn assign(
+    worker: &Worker,
+    fingerprint: &str,
+    experts: &[(usize, usize)],
+    deadline: Duration,
+) -> Result<()> {
+    let addr = &worker.info.addr;
+    let req = AssignRequest {
+        model_fingerprint: fingerprint.to_string(),
+        experts: experts
+            .iter()
+            .map(|&(l, e)| ExpertId {
+                layer: l as u32,
+                expert: e as u32,
+            })
+            .collect(),
+    };
+    let call_err = |call: &'static str| {
+        move |e: CallError| CoordinatorError::Call {
+            worker: addr.clone(),
+            call,
+            msg: e.to_string(),
+        }
+    };
+    with_deadline(deadline, worker.client.assign(req))
+        .await
+        .map_err(call_err("assign"))?;
+    let health = with_deadline(deadline, worker.client.health())
+        .await
+        .map_err(call_err("health"))?;
+    if !health.ready {
+        return Err(CoordinatorError::NotReady {
+            worker: addr.clone(),
+        });
+    }
+    Ok(())
+}
+
+/// What one worker's request carries back: its outputs, or why not, and when it ended.
+type Reply = (Result<ExpertBatchResponse, CallError>, Instant);
+
+/// The request of one worker: only the tokens its rows name, re-indexed in order of first use.
+fn batch_request(
+    layer: usize,
+    hidden: &[f32],
+    h: usize,
+    rows: &[ExpertRow],
+    idx: &[usize],
+) -> ExpertBatchRequest {
+    let n_tokens = hidden.len() / h;
+    let mut slot = vec![u32::MAX; n_tokens];
+    let mut activations = Vec::new();
+    let mut next = 0u32;
+    let mut tokens = Vec::with_capacity(idx.len());
+    let mut experts = Vec::with_capacity(idx.len());
+    let mut weights = Vec::with_capacity(idx.len());
+    for &i in idx {
+        let r = rows[i];
+        let t = r.token as usize;
+        if slot[t] == u32::MAX {
+            slot[t] = next;
+            next += 1;
+            activations.reserve(h * 4);
+            for v in &hidden[t * h..(t + 1) * h] {
+                activations.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        tokens.push(slot[t]);
+        experts.push(r.expert);
+        weights.push(r.weight);
+    }
+    ExpertBatchRequest {
+        layer: layer as u32,
+        hidden_size: h as u32,
+        dtype: Dtype::F32 as i32,
+        n_tokens: next,
+        activations: Bytes::from(activations),
+        tokens,
+        experts,
+        weights,
+    }
+}
+
+impl ClusterExperts {
+    /// Connects to every worker, checks protocol and model, places the experts, assigns them and
+    /// waits until every worker is ready. Call from a plain thread, not from async code.
+    pub fn connect(
+        dir: &Path,
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        opts: &ClusterOptions,
+    ) -> Result<Self> {
+        if opts.workers.is_empty() && opts.local_capacity.is_none() {
+            return Err(CoordinatorError::NoCapacity { hosts: 0 });
+        }
+        let fingerprint = model_fingerprint(dir, ckpt)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("moeshard-net")
+            .enable_all()
+            .build()
+            .map_err(CoordinatorError::Runtime)?;
+        let handle = runtime.handle().clone();
+
+        // Connect and say hello to every worker at once; report the first failure in order.
+        let mut workers: Vec<Worker> = runtime.block_on(async {
+            let tasks: Vec<_> = opts
+                .workers
+                .iter()
+                .map(|addr| {
+                    let (addr, fp, opts) = (addr.clone(), fingerprint.clone(), opts.clone());
+                    tokio::spawn(async move { hello(&addr, &fp, &opts).await })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for (t, addr) in tasks.into_iter().zip(&opts.workers) {
+                out.push(t.await.map_err(|e| CoordinatorError::Unreachable {
+                    worker: addr.clone(),
+                    msg: e.to_string(),
+                })??);
+            }
+            Ok::<_, CoordinatorError>(out)
+        })?;
+
+        let mut hosts: Vec<HostCapacity> = workers
+            .iter()
+            .map(|w| HostCapacity {
+                name: w.info.addr.clone(),
+                capacity: w.info.capacity,
+            })
+            .collect();
+        if let Some(capacity) = opts.local_capacity {
+            hosts.push(HostCapacity {
+                name: "coordinator".into(),
+                capacity,
+            });
+        }
+        let moe_layers: Vec<usize> = cfg.moe_layers().collect();
+        let placement = place(
+            &hosts,
+            &moe_layers,
+            cfg.num_experts,
+            expert_bytes(cfg, ckpt)?,
+        )?;
+        for (i, w) in workers.iter_mut().enumerate() {
+            w.info.experts = placement.experts_of(i).len();
+        }
+
+        let workers: Vec<Arc<Worker>> = workers.into_iter().map(Arc::new).collect();
+        runtime.block_on(async {
+            let tasks: Vec<_> = workers
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| !placement.experts_of(*i).is_empty())
+                .map(|(i, w)| {
+                    let (w, fp, experts) =
+                        (Arc::clone(w), fingerprint.clone(), placement.experts_of(i));
+                    let deadline = opts.rpc_timeout;
+                    let addr = w.info.addr.clone();
+                    (
+                        addr,
+                        tokio::spawn(async move { assign(&w, &fp, &experts, deadline).await }),
+                    )
+                })
+                .collect();
+            for (addr, t) in tasks {
+                t.await.map_err(|e| CoordinatorError::Call {
+                    worker: addr,
+                    call: "assign",
+                    msg: e.to_string(),
+                })??;
+            }
+            Ok::<_, CoordinatorError>(())
+        })?;
+
+        let local = match opts.local_capacity {
+            Some(_) => Some(LocalExperts::load(
+                cfg,
+                ckpt,
+                placement.experts_of(workers.len()),
+            )?),
+            None => None,
+        };
+        for w in &workers {
+            info!(
+                worker = %w.info.addr,
+                id = %w.info.worker_id,
+                experts = w.info.experts,
+                transport = %opts.transport,
+                "worker ready"
+            );
+        }
+        if let Some(l) = &local {
+            info!(
+                experts = l.held().count(),
+                "coordinator hosts a share itself"
+            );
+        }
+        Ok(ClusterExperts {
+            runtime: Some(runtime),
+            handle,
+            workers,
+            local,
+            placement,
+            hidden_size: cfg.hidden_size,
+            transport: opts.transport,
+            rpc_timeout: opts.rpc_timeout,
+            stats: Arc::new(DispatchStats::default()),
+        })
+    }
+
+    /// The workers, in placement order.
+    pub fn workers(&self) -> Vec<WorkerInfo> {
+        self.workers.iter().map(|w| w.info.clone()).collect()
+    }
+
+    /// Which host owns which expert (host `workers().len()` is the coordinator's own share).
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// The wire in use.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The shared record of dispatch round trips.
+    pub fn stats(&self) -> Arc<DispatchStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Round trips of the dispatches recorded so far (one per MoE layer step with remote rows).
+    pub fn dispatch_latencies(&self) -> Vec<Duration> {
+        self.stats.latencies()
+    }
+
+    /// Forgets the recorded round trips.
+    pub fn reset_dispatch_latencies(&self) {
+        self.stats.reset();
+    }
+
+    /// Each worker's counters (or why they could not be had). Call from a plain thread.
+    pub fn worker_stats(&self) -> Vec<(String, Result<StatsResponse, String>)> {
+        let deadline = self.rpc_timeout;
+        self.handle.block_on(async {
+            let mut out = Vec::with_capacity(self.workers.len());
+            for w in &self.workers {
+                let r = with_deadline(deadline, w.client.stats())
+                    .await
+                    .map_err(|e| e.to_string());
+                out.push((w.info.addr.clone(), r));
+            }
+            out
+        })
+    }
+}
+
+impl Drop for ClusterExperts {
+    fn drop(&mut self) {
+        // Safe to drop from async code too: nothing waits for the runtime's tasks.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn experts_err(layer: usize, host: &str, msg: impl Into<String>) -> EngineError {
+    EngineError::Experts {
+        layer,
+        host: host.to_string(),
+        msg: msg.into(),
+    }
+}
+
+/// One worker's request in flight.
+struct Call {
+    worker: usize,
+    rows: Vec<usize>,
+    reply: oneshot::Receiver<Reply>,
+}
+
+struct ClusterPending<'a> {
+    cluster: &'a ClusterExperts,
+    layer: usize,
+    hidden: &'a [f32],
+    rows: &'a [ExpertRow],
+    calls: Vec<Call>,
+    local_rows: Vec<usize>,
+    started: Instant,
+}
+
+impl ExpertBackend for ClusterExperts {
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        hidden: &'a [f32],
+        rows: &'a [ExpertRow],
+    ) -> moeshard_engine::Result<Box<dyn PendingExperts + 'a>> {
+        let h = self.hidden_size;
+        if !hidden.len().is_multiple_of(h) {
+            return Err(experts_err(
+                layer,
+                "cluster",
+                format!("{} hidden values are not a multiple of {h}", hidden.len()),
+            ));
+        }
+        let n_tokens = hidden.len() / h;
+        let owners = self.placement.layer(layer).ok_or_else(|| {
+            experts_err(
+                layer,
+                "cluster",
+                "the layer has no routed experts in the placement",
+            )
+        })?;
+        let mut by_host: Vec<Vec<usize>> = vec![Vec::new(); self.placement.hosts()];
+        for (i, r) in rows.iter().enumerate() {
+            let Some(&host) = owners.get(r.expert as usize) else {
+                return Err(experts_err(
+                    layer,
+                    "cluster",
+                    format!("row {i} names expert {} of {}", r.expert, owners.len()),
+                ));
+            };
+            if r.token as usize >= n_tokens {
+                return Err(experts_err(
+                    layer,
+                    "cluster",
+                    format!("row {i} names token {} of {n_tokens}", r.token),
+                ));
+            }
+            by_host[host].push(i);
+        }
+        let started = Instant::now();
+        let mut calls = Vec::new();
+        let n_workers = self.workers.len();
+        for (w, idx) in by_host.iter_mut().enumerate().take(n_workers) {
+            if idx.is_empty() {
+                continue;
+            }
+            let req = batch_request(layer, hidden, h, rows, idx);
+            let (tx, rx) = oneshot::channel();
+            let worker = Arc::clone(&self.workers[w]);
+            let deadline = self.rpc_timeout;
+            self.handle.spawn(async move {
+                let r = with_deadline(deadline, worker.client.compute(req)).await;
+                // The receiver is gone only when the step was abandoned.
+                let _ = tx.send((r, Instant::now()));
+            });
+            calls.push(Call {
+                worker: w,
+                rows: std::mem::take(idx),
+                reply: rx,
+            });
+        }
+        let local_rows = by_host
+            .get_mut(n_workers)
+            .map(std::mem::take)
+            .unwrap_or_default();
+        Ok(Box::new(ClusterPending {
+            cluster: self,
+            layer,
+            hidden,
+            rows,
+            calls,
+            local_rows,
+            started,
+        }))
+    }
+}
+
+impl PendingExperts for ClusterPending<'_> {
+    fn wait(self: Box<Self>) -> moeshard_engine::Result<Vec<f32>> {
+        let c = self.cluster;
+        let h = c.hidden_size;
+        let layer = self.layer;
+        let mut out = vec![0f32; self.rows.len() * h];
+        if !self.local_rows.is_empty() {
+            let local = c.local.as_ref().ok_or_else(|| {
+                experts_err(
+                    layer,
+                    "coordinator",
+                    "rows placed locally but no local experts",
+                )
+            })?;
+            let sub: Vec<ExpertRow> = self.local_rows.iter().map(|&i| self.rows[i]).collect();
+            let y = local.compute(layer, self.hidden, &sub)?;
+            for (k, &i) in self.local_rows.iter().enumerate() {
+                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
+            }
+        }
+        let mut last = None;
+        for call in self.calls {
+            let addr = &c.workers[call.worker].info.addr;
+            let (reply, done) = call.reply.blocking_recv().map_err(|_| {
+                experts_err(
+                    layer,
+                    addr,
+                    "the request was abandoned (the coordinator is shutting down)",
+                )
+            })?;
+            let reply = reply.map_err(|e| {
+                warn!(worker = %addr, layer, "expert request failed: {e}");
+                experts_err(layer, addr, e.to_string())
+            })?;
+            if reply.dtype != Dtype::F32 as i32 {
+                return Err(experts_err(
+                    layer,
+                    addr,
+                    format!("reply dtype {} is not f32", reply.dtype),
+                ));
+            }
+            let y = f32_from_le_bytes(&reply.outputs, Some(call.rows.len() * h))
+                .map_err(|e| experts_err(layer, addr, format!("reply: {e}")))?;
+            for (k, &i) in call.rows.iter().enumerate() {
+                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
+            }
+            last = last.max(Some(done));
+        }
+        if let Some(done) = last {
+            c.stats.record(done.saturating_duration_since(self.started));
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,326 @@
+//! Which host holds which routed expert: a pure function of the hosts' capacities.
+//!
+//! Every MoE layer's experts are spread over the hosts in proportion to their capacities (largest
+//! remainder), so every layer's round trip fans out to all hosts. Across layers the remainder
+//! seats go to the hosts furthest behind their proportional total, so a host's total never drifts
+//! more than one expert from its share. Each host with capacity gets at least one expert of every
+//! layer when the layer has enough experts. Blocks are contiguous in host order. Deterministic:
+//! the same inputs give the same placement on every coordinator.
+
+use std::collections::BTreeMap;
+
+use crate::CoordinatorError;
+
+/// One host that can hold experts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostCapacity {
+    /// Name for messages (a worker's address, or "coordinator").
+    pub name: String,
+    /// Bytes of expert weights it offers.
+    pub capacity: u64,
+}
+
+/// The owner of every routed expert of every MoE layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    hosts: usize,
+    owners: BTreeMap<usize, Vec<usize>>,
+}
+
+impl Placement {
+    /// Number of hosts placed over (including those that got nothing).
+    pub fn hosts(&self) -> usize {
+        self.hosts
+    }
+
+    /// Owner (host index) of each expert of `layer`, or `None` when the layer is not a MoE layer.
+    pub fn layer(&self, layer: usize) -> Option<&[usize]> {
+        self.owners.get(&layer).map(Vec::as_slice)
+    }
+
+    /// The host of one expert.
+    pub fn owner(&self, layer: usize, expert: usize) -> Option<usize> {
+        self.layer(layer)?.get(expert).copied()
+    }
+
+    /// The `(layer, expert)` pairs of `host`, in order.
+    pub fn experts_of(&self, host: usize) -> Vec<(usize, usize)> {
+        self.owners
+            .iter()
+            .flat_map(|(&l, owners)| {
+                owners
+                    .iter()
+                    .enumerate()
+                    .filter(move |&(_, &h)| h == host)
+                    .map(move |(e, _)| (l, e))
+            })
+            .collect()
+    }
+
+    /// Experts per host over all layers.
+    pub fn counts(&self) -> Vec<usize> {
+        let mut c = vec![0; self.hosts];
+        for owners in self.owners.values() {
+            for &h in owners {
+                c[h] += 1;
+            }
+        }
+        c
+    }
+}
+
+/// Places `num_experts` experts of each of `moe_layers` (each `expert_bytes` big) on `hosts`.
+pub fn place(
+    hosts: &[HostCapacity],
+    moe_layers: &[usize],
+    num_experts: usize,
+    expert_bytes: u64,
+) -> Result<Placement, CoordinatorError> {
+    let offered: u128 = hosts.iter().map(|h| u128::from(h.capacity)).sum();
+    let need = moe_layers.len() as u128 * num_experts as u128 * u128::from(expert_bytes);
+    if need > 0 && offered == 0 {
+        return Err(CoordinatorError::NoCapacity { hosts: hosts.len() });
+    }
+    if need > offered {
+        return Err(CoordinatorError::InsufficientCapacity {
+            need: need.min(u128::from(u64::MAX)) as u64,
+            offered: offered.min(u128::from(u64::MAX)) as u64,
+        });
+    }
+    let n = hosts.len();
+    if n == 0 && !moe_layers.is_empty() && num_experts > 0 {
+        return Err(CoordinatorError::NoCapacity { hosts: 0 });
+    }
+    let e = num_experts as u128;
+    // Weightless experts (need == 0) still need owners: spread them evenly then.
+    let (caps, offered): (Vec<u128>, u128) = if offered == 0 {
+        (vec![1; n], n as u128)
+    } else {
+        (
+            hosts.iter().map(|h| u128::from(h.capacity)).collect(),
+            offered,
+        )
+    };
+    let eligible = caps.iter().filter(|&&c| c > 0).count();
+    let mut totals = vec![0u128; n];
+    let mut owners = BTreeMap::new();
+    for (k, &layer) in moe_layers.iter().enumerate() {
+        // Seats of this layer, in units of 1/offered to stay exact.
+        let mut seats: Vec<u128> = caps.iter().map(|&c| e * c / offered).collect();
+        // Each fractional part is below one, so fewer seats are left than hosts with capacity.
+        let left = num_experts - seats.iter().sum::<u128>() as usize;
+        // Remainder seats: to whoever is furthest behind its ideal running total.
+        let ideal = |i: usize| (k as u128 + 1) * e * caps[i];
+        let mut order: Vec<usize> = (0..n).filter(|&i| caps[i] > 0).collect();
+        order.sort_by(|&a, &b| {
+            let behind = |i: usize| ideal(i) as i128 - ((totals[i] + seats[i]) * offered) as i128;
+            behind(b).cmp(&behind(a)).then(a.cmp(&b))
+        });
+        for &i in order.iter().take(left) {
+            seats[i] += 1;
+        }
+        // Every host with capacity gets one expert of the layer, taken from the largest share.
+        if num_experts >= eligible {
+            for i in 0..n {
+                if caps[i] > 0 && seats[i] == 0 {
+                    let donor = (0..n)
+                        .max_by(|&a, &b| seats[a].cmp(&seats[b]).then(b.cmp(&a)))
+                        .unwrap_or(i);
+                    if seats[donor] > 1 {
+                        seats[donor] -= 1;
+                        seats[i] += 1;
+                    }
+                }
+            }
+        }
+        let mut layer_owners = Vec::with_capacity(num_experts);
+        for (i, &s) in seats.iter().enumerate() {
+            layer_owners.extend(std::iter::repeat_n(i, s as usize));
+            totals[i] += s;
+        }
+        owners.insert(layer, layer_owners);
+    }
+    for (i, h) in hosts.iter().enumerate() {
+        let bytes = totals[i] * u128::from(expert_bytes);
+        if bytes > u128::from(h.capacity) {
+            return Err(CoordinatorError::HostOverCapacity {
+                host: h.name.clone(),
+                experts: totals[i] as usize,
+                need: bytes.min(u128::from(u64::MAX)) as u64,
+                capacity: h.capacity,
+            });
+        }
+    }
+    Ok(Placement { hosts: n, owners })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hosts(caps: &[u64]) -> Vec<HostCapacity> {
+        caps.iter()
+            .enumerate()
+            .map(|(i, &capacity)| HostCapacity {
+                name: format!("h{i}"),
+                capacity,
+            })
+            .collect()
+    }
+
+    /// Per-layer seat counts of each host.
+    fn per_layer(p: &Placement, layers: &[usize]) -> Vec<Vec<usize>> {
+        layers
+            .iter()
+            .map(|&l| {
+                let mut c = vec![0; p.hosts()];
+                for &h in p.layer(l).unwrap() {
+                    c[h] += 1;
+                }
+                c
+            })
+            .collect()
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            caps: &'static [u64],
+            layers: &'static [usize],
+            experts: usize,
+            want: &'static [&'static [usize]],
+        }
+        const BIG: u64 = 1 << 40;
+        let cases = [
+            // One host takes everything.
+            Case {
+                caps: &[BIG],
+                layers: &[0, 1],
+                experts: 5,
+                want: &[&[5], &[5]],
+            },
+            // Equal capacities: as even as can be, remainders rotate between layers.
+            Case {
+                caps: &[BIG, BIG],
+                layers: &[0, 2],
+                experts: 5,
+                want: &[&[3, 2], &[2, 3]],
+            },
+            Case {
+                caps: &[BIG, BIG, BIG],
+                layers: &[0, 1, 2],
+                experts: 8,
+                want: &[&[3, 3, 2], &[3, 2, 3], &[2, 3, 3]],
+            },
+            // 1:2:3 over 6 experts is exact.
+            Case {
+                caps: &[BIG, 2 * BIG, 3 * BIG],
+                layers: &[1],
+                experts: 6,
+                want: &[&[1, 2, 3]],
+            },
+            // 1:2:3 over 5 experts: quotas .83 1.67 2.5; remainders to h0 and h1 first.
+            Case {
+                caps: &[BIG, 2 * BIG, 3 * BIG],
+                layers: &[0, 1],
+                experts: 5,
+                want: &[&[1, 2, 2], &[1, 1, 3]],
+            },
+            // A tiny host still gets one expert of every layer when there are enough.
+            Case {
+                caps: &[1_000 * BIG, BIG],
+                layers: &[0, 1],
+                experts: 3,
+                want: &[&[2, 1], &[2, 1]],
+            },
+            // A host with no capacity gets nothing.
+            Case {
+                caps: &[BIG, 0, BIG],
+                layers: &[0],
+                experts: 4,
+                want: &[&[2, 0, 2]],
+            },
+            // More hosts than experts: not everyone can have one.
+            Case {
+                caps: &[BIG, BIG, BIG, BIG],
+                layers: &[0],
+                experts: 3,
+                want: &[&[1, 1, 1, 0]],
+            },
+        ];
+        for (ci, c) in cases.iter().enumerate() {
+            let p = place(&hosts(c.caps), c.layers, c.experts, 1).unwrap();
+            let got = per_layer(&p, c.layers);
+            let want: Vec<Vec<usize>> = c.want.iter().map(|w| w.to_vec()).collect();
+            assert_eq!(got, want, "case {ci}");
+        }
+    }
+
+    #[test]
+    fn totals_stay_within_one_expert_of_the_share() {
+        let caps = [3u64, 5, 11, 1];
+        let layers: Vec<usize> = (0..48).collect();
+        let big: Vec<u64> = caps.iter().map(|c| c << 20).collect();
+        let p = place(&hosts(&big), &layers, 60, 1).unwrap();
+        let total: u64 = caps.iter().sum();
+        for (i, &n) in p.counts().iter().enumerate() {
+            let share = 48.0 * 60.0 * caps[i] as f64 / total as f64;
+            assert!((n as f64 - share).abs() <= 1.0, "host {i}: {n} vs {share}");
+        }
+        // Each layer is contiguous blocks in host order.
+        for l in &layers {
+            let owners = p.layer(*l).unwrap();
+            assert!(owners.windows(2).all(|w| w[0] <= w[1]));
+        }
+    }
+
+    #[test]
+    fn experts_of_lists_a_hosts_experts() {
+        let p = place(&hosts(&[10, 10]), &[0, 3], 3, 1).unwrap();
+        assert_eq!(p.experts_of(0), vec![(0, 0), (0, 1), (3, 0)]);
+        assert_eq!(p.experts_of(1), vec![(0, 2), (3, 1), (3, 2)]);
+        assert_eq!(p.owner(3, 2), Some(1));
+        assert_eq!(p.owner(1, 0), None);
+    }
+
+    #[test]
+    fn capacity_is_a_limit() {
+        // 2 layers x 4 experts x 10 bytes = 80 bytes.
+        let err = place(&hosts(&[30, 40]), &[0, 1], 4, 10).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoordinatorError::InsufficientCapacity {
+                    need: 80,
+                    offered: 70
+                }
+            ),
+            "{err}"
+        );
+        let err = place(&hosts(&[0, 0]), &[0], 4, 10).unwrap_err();
+        assert!(
+            matches!(err, CoordinatorError::NoCapacity { hosts: 2 }),
+            "{err}"
+        );
+        // Exactly enough in total, but rounding puts 3 experts (30 bytes) on a host offering 25.
+        let err = place(&hosts(&[25, 15]), &[0], 4, 10).unwrap_err();
+        assert!(
+            matches!(err, CoordinatorError::HostOverCapacity { ref host, .. } if host == "h0"),
+            "{err}"
+        );
+        place(&hosts(&[40, 40]), &[0, 1], 4, 10).unwrap();
+        // No MoE layers: nothing to place.
+        let p = place(&hosts(&[0]), &[], 4, 10).unwrap();
+        assert_eq!(p.counts(), vec![0]);
+    }
+
+    #[test]
+    fn deterministic() {
+        let h = hosts(&[700, 300, 900]);
+        let layers: Vec<usize> = (0..10).collect();
+        assert_eq!(
+            place(&h, &layers, 16, 1).unwrap(),
+            place(&h, &layers, 16, 1).unwrap()
+        );
+    }
+}

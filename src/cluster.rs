@@ -1,0 +1,193 @@
+//! The cluster parts of the CLI: `moeshard worker`, and opening the expert backend that
+//! `--workers` / `--local-workers` ask for.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use moeshard_coordinator::{
+    ClusterExperts, ClusterOptions, DispatchStats, LocalWorkers, LocalWorkersConfig, WorkerInfo,
+};
+use moeshard_engine::{ExpertBackend, LocalExperts, Model};
+use moeshard_proto::{Transport, listening_line};
+use moeshard_worker::WorkerCore;
+
+use crate::cli::ClusterArgs;
+
+#[derive(Args)]
+pub(crate) struct WorkerArgs {
+    /// This worker's copy of the Hugging Face checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:7070 (port 0 picks a free port; the address line on
+    /// stdout tells which).
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Wire transport.
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "quic"])]
+    transport: String,
+    /// Bytes of expert weights to offer (default: enough for every routed expert).
+    #[arg(long)]
+    capacity: Option<u64>,
+    /// Exit when stdin reaches end of file (for workers started by a coordinator, so they never
+    /// outlive it).
+    #[arg(long)]
+    exit_with_parent: bool,
+}
+
+fn transport(s: &str) -> Result<Transport> {
+    s.parse().map_err(|e: String| anyhow!(e))
+}
+
+/// `moeshard worker`: serves a checkpoint's experts until killed (or until stdin closes).
+pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
+    let transport = transport(&a.transport)?;
+    let core = WorkerCore::open(&a.model, a.capacity)
+        .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
+    if a.exit_with_parent {
+        std::thread::spawn(|| {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 256];
+            loop {
+                match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => {
+                        tracing::info!("stdin closed: the parent is gone, exiting");
+                        std::process::exit(0);
+                    }
+                    Ok(_) => {}
+                }
+            }
+        });
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("moeshard-worker-net")
+        .enable_all()
+        .build()
+        .context("starting the network runtime")?;
+    runtime.block_on(moeshard_worker::serve(
+        Arc::new(core),
+        a.listen,
+        transport,
+        |addr| {
+            // The one line on stdout: a parent reads the port from it.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{}", listening_line(addr, transport));
+            let _ = out.flush();
+            tracing::info!(%addr, %transport, "worker listening");
+        },
+    ))?;
+    Ok(())
+}
+
+/// The cluster behind a loaded backend, for reports and benchmarks.
+pub(crate) struct ClusterInfo {
+    /// Round trips of the expert dispatches (one per MoE layer step that went to workers).
+    pub dispatch: Arc<DispatchStats>,
+    /// The workers, in placement order.
+    pub workers: Vec<WorkerInfo>,
+    /// The wire.
+    pub transport: Transport,
+}
+
+impl ClusterInfo {
+    /// Logs the workers and the dispatch round trips so far (at info level).
+    pub fn log_summary(&self) {
+        let lat = self.dispatch.latencies();
+        let us = |q| moeshard_coordinator::percentile(&lat, q).map(|d| d.as_secs_f64() * 1e6);
+        for w in &self.workers {
+            tracing::info!(worker = %w.addr, id = %w.worker_id, experts = w.experts, "worker");
+        }
+        tracing::info!(
+            transport = %self.transport,
+            workers = self.workers.len(),
+            dispatches = lat.len(),
+            p50_us = us(0.5),
+            p99_us = us(0.99),
+            "expert dispatch round trips"
+        );
+    }
+}
+
+/// A loaded model and the backend its routed experts run on.
+///
+/// Fields drop in order: the backend (and its connections) before the local worker processes.
+pub(crate) struct Loaded {
+    pub model: Model,
+    pub experts: Box<dyn ExpertBackend>,
+    /// Set when the experts run on workers.
+    pub cluster: Option<ClusterInfo>,
+    _local_workers: Option<LocalWorkers>,
+}
+
+/// Loads the dense model and opens the expert backend the cluster options ask for.
+pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
+    let (model, ckpt) =
+        Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    if args.workers.is_empty() && args.local_workers == 0 {
+        let experts = LocalExperts::load_all(&model.cfg, &ckpt)
+            .with_context(|| format!("loading the experts in {}", dir.display()))?;
+        return Ok(Loaded {
+            model,
+            experts: Box::new(experts),
+            cluster: None,
+            _local_workers: None,
+        });
+    }
+    let transport = transport(&args.transport)?;
+    let secs = |v: f64, flag: &str| {
+        Duration::try_from_secs_f64(v)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| anyhow!("{flag} must be a positive number of seconds"))
+    };
+    let rpc_timeout = secs(args.rpc_timeout, "--rpc-timeout")?;
+    let connect_timeout = secs(args.connect_timeout, "--connect-timeout")?;
+    let local_workers = if args.local_workers > 0 {
+        let exe = std::env::current_exe().context("finding the moeshard binary")?;
+        let mut cfg =
+            LocalWorkersConfig::new(exe, dir.to_path_buf(), transport, args.local_workers);
+        if !args.local_capacities.is_empty() {
+            if args.local_capacities.len() != args.local_workers {
+                bail!(
+                    "--local-capacities lists {} capacities for {} local workers",
+                    args.local_capacities.len(),
+                    args.local_workers
+                );
+            }
+            cfg.capacities = args.local_capacities.iter().map(|&c| Some(c)).collect();
+        }
+        Some(LocalWorkers::start(&cfg).context("starting local workers")?)
+    } else {
+        None
+    };
+    let workers = match &local_workers {
+        Some(l) => l.addrs(),
+        None => args.workers.clone(),
+    };
+    let opts = ClusterOptions {
+        workers,
+        transport,
+        rpc_timeout,
+        connect_timeout,
+        local_capacity: args.coordinator_capacity,
+        ..ClusterOptions::default()
+    };
+    let experts = ClusterExperts::connect(dir, &model.cfg, &ckpt, &opts)
+        .context("setting up the expert workers")?;
+    let cluster = ClusterInfo {
+        dispatch: experts.stats(),
+        workers: experts.workers(),
+        transport,
+    };
+    Ok(Loaded {
+        model,
+        experts: Box::new(experts),
+        cluster: Some(cluster),
+        _local_workers: local_workers,
+    })
+}
