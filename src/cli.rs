@@ -31,6 +31,10 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Serve a checkpoint's routed experts to a coordinator (over gRPC or QUIC).
     Worker(crate::cluster::WorkerArgs),
+    /// Plan a cluster from a config alone: placement, memory per node, predicted tokens/s.
+    Plan(crate::plan::PlanArgs),
+    /// Measure this node (memory bandwidth, kernel throughput, loopback round trip) for plans.
+    Calibrate(crate::plan::CalibrateArgs),
 }
 
 #[derive(Args)]
@@ -120,6 +124,8 @@ pub fn run() -> Result<()> {
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
         Command::Worker(a) => crate::cluster::cmd_worker(a),
+        Command::Plan(a) => crate::plan::cmd_plan(a),
+        Command::Calibrate(a) => crate::plan::cmd_calibrate(a),
         Command::Bench(a) => {
             let loaded = load(&a.model.model, &a.cluster)?;
             let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;

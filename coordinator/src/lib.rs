@@ -9,6 +9,7 @@ mod client;
 mod cluster;
 pub mod local;
 pub mod placement;
+pub mod plan;
 pub mod stats;
 
 pub use cluster::{ClusterExperts, ClusterOptions, WorkerInfo};

@@ -1,0 +1,900 @@
+//! Capacity planning: where a model's parts go on a cluster, the memory each node needs, and the
+//! tokens/s to expect, from a `config.json` alone (no weights).
+//!
+//! Plain data in, plain data out. The cost model is deliberately simple and stated in full:
+//! - decode is memory-bound: every step reads the coordinator's dense weights once, the KV cache of
+//!   every running sequence, and on each host the distinct experts its tokens chose;
+//! - each MoE layer costs the slowest host's share plus, for remote hosts, one round trip, the
+//!   activations over the link and the dispatch overhead measured by `moeshard calibrate`;
+//! - prefill is compute-bound (2 flops per weight per token, plus attention).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::placement::{HostCapacity, place};
+
+/// Errors of the planner.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    /// The config is malformed or describes an architecture the planner cannot size.
+    #[error("config: {0}")]
+    Config(String),
+    /// The cluster description is malformed.
+    #[error("cluster: {0}")]
+    Cluster(String),
+}
+
+/// Weight storage formats the planner knows the size of.
+#[allow(non_camel_case_types)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Quant {
+    /// 4 bytes per weight.
+    F32,
+    /// 2 bytes per weight.
+    Bf16,
+    /// 2 bytes per weight.
+    F16,
+    /// 34 bytes per 32 weights.
+    Q8_0,
+    /// 144 bytes per 256 weights.
+    Q4_K,
+    /// 18 bytes per 32 weights.
+    Q4_0,
+    /// 17 bytes per 32 weights (GPT-OSS native experts).
+    Mxfp4,
+    /// 1 byte per weight plus a 4-byte scale per 128x128 block (DeepSeek-V3 native).
+    Fp8,
+}
+
+impl Quant {
+    /// Bytes per weight.
+    pub fn bytes_per_weight(self) -> f64 {
+        match self {
+            Quant::F32 => 4.0,
+            Quant::Bf16 | Quant::F16 => 2.0,
+            Quant::Q8_0 => 34.0 / 32.0,
+            Quant::Q4_K => 144.0 / 256.0,
+            Quant::Q4_0 => 18.0 / 32.0,
+            Quant::Mxfp4 => 17.0 / 32.0,
+            Quant::Fp8 => 1.0 + 4.0 / 16384.0,
+        }
+    }
+
+    /// Parses `q4_k`, `bf16`, ...
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "f32" => Quant::F32,
+            "bf16" => Quant::Bf16,
+            "f16" => Quant::F16,
+            "q8_0" => Quant::Q8_0,
+            "q4_k" | "q4_k_m" => Quant::Q4_K,
+            "q4_0" => Quant::Q4_0,
+            "mxfp4" => Quant::Mxfp4,
+            "fp8" => Quant::Fp8,
+            _ => return None,
+        })
+    }
+}
+
+/// The sizes of a model that matter for planning.
+#[derive(Clone, Debug, Serialize)]
+pub struct ModelShape {
+    /// `model_type`.
+    pub model_type: String,
+    /// Residual width.
+    pub hidden: u64,
+    /// Decoder layers.
+    pub layers: u64,
+    /// Indices of the MoE layers.
+    pub moe_layers: Vec<usize>,
+    /// Routed experts per MoE layer.
+    pub experts: u64,
+    /// Experts chosen per token.
+    pub top_k: u64,
+    /// Weights of one routed expert.
+    pub expert_params: u64,
+    /// Weights that live with the coordinator (everything but routed experts).
+    pub dense_params: u64,
+    /// Dense weights read per decoded token (the embedding table is only indexed).
+    pub dense_active_params: u64,
+    /// KV cache elements per token, per full-attention layer, summed over those layers.
+    pub kv_elems_per_token: u64,
+    /// KV elements per token of the sliding-window layers, summed, and their window.
+    pub window_kv: Option<(u64, u64)>,
+    /// Fixed recurrent state per sequence (linear attention), in elements.
+    pub state_elems_per_seq: u64,
+    /// Attention flops per token per position of context (2 * heads * head widths, summed).
+    pub attn_flops_per_ctx: u64,
+}
+
+struct J<'a>(&'a Value);
+
+impl J<'_> {
+    fn u(&self, k: &str) -> Option<u64> {
+        self.0.get(k).and_then(Value::as_u64)
+    }
+    fn req(&self, k: &str) -> Result<u64, PlanError> {
+        self.u(k)
+            .ok_or_else(|| PlanError::Config(format!("missing or non-integer {k}")))
+    }
+    fn b(&self, k: &str, d: bool) -> bool {
+        self.0.get(k).and_then(Value::as_bool).unwrap_or(d)
+    }
+}
+
+impl ModelShape {
+    /// Sizes a model from the text of its `config.json`.
+    pub fn from_config_json(text: &str) -> Result<Self, PlanError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| PlanError::Config(format!("not valid JSON: {e}")))?;
+        // Multimodal wrappers keep the language model in text_config.
+        let v = match v.get("text_config") {
+            Some(t) if t.get("hidden_size").is_some() => {
+                let mut t = t.clone();
+                if t.get("model_type").is_none() {
+                    t["model_type"] = v["model_type"].clone();
+                }
+                t
+            }
+            _ => v,
+        };
+        let j = J(&v);
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| PlanError::Config("missing model_type".into()))?
+            .to_string();
+        let h = j.req("hidden_size")?;
+        let layers = j.req("num_hidden_layers")?;
+        let vocab = j.req("vocab_size")?;
+        let nh = j.req("num_attention_heads")?;
+        let nkv = j.u("num_key_value_heads").unwrap_or(nh);
+        let hd = j.u("head_dim").unwrap_or(h / nh.max(1));
+        let experts = j
+            .u("num_experts")
+            .or_else(|| j.u("num_local_experts"))
+            .or_else(|| j.u("n_routed_experts"))
+            .ok_or_else(|| PlanError::Config("no expert count (num_experts, num_local_experts or n_routed_experts)".into()))?;
+        let top_k = j
+            .u("num_experts_per_tok")
+            .or_else(|| j.u("experts_per_token"))
+            .ok_or_else(|| PlanError::Config("missing num_experts_per_tok".into()))?;
+        let inter = j.u("intermediate_size").unwrap_or(0);
+        let moe_inter = j.u("moe_intermediate_size").unwrap_or(inter);
+        let tied = j.b("tie_word_embeddings", false);
+        let embed = vocab * h;
+        let lm_head = if tied { 0 } else { vocab * h };
+        let std_attn = h * nh * hd * 2 + 2 * h * nkv * hd;
+        let mut s = ModelShape {
+            model_type: model_type.clone(),
+            hidden: h,
+            layers,
+            moe_layers: Vec::new(),
+            experts,
+            top_k,
+            expert_params: 3 * h * moe_inter,
+            dense_params: 0,
+            dense_active_params: 0,
+            kv_elems_per_token: 0,
+            window_kv: None,
+            state_elems_per_seq: 0,
+            attn_flops_per_ctx: 0,
+        };
+        let mut dense = h; // final norm
+        match model_type.as_str() {
+            "qwen3_moe" | "qwen2_moe" | "mixtral" | "olmoe" => {
+                let step = j.u("decoder_sparse_step").unwrap_or(1).max(1) as usize;
+                let only: Vec<usize> = v
+                    .get("mlp_only_layers")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+                    .unwrap_or_default();
+                let shared = j.u("shared_expert_intermediate_size").unwrap_or(0);
+                for l in 0..layers as usize {
+                    dense += std_attn + 2 * h;
+                    let moe = model_type == "mixtral" || (!only.contains(&l) && (l + 1) % step == 0);
+                    if moe {
+                        s.moe_layers.push(l);
+                        dense += experts * h;
+                        if shared > 0 {
+                            dense += 3 * h * shared + h;
+                        }
+                    } else {
+                        dense += 3 * h * inter;
+                    }
+                }
+                s.kv_elems_per_token = layers * 2 * nkv * hd;
+                s.attn_flops_per_ctx = layers * 4 * nh * hd;
+            }
+            "deepseek_v3" | "kimi_k2" | "deepseek_v2" => {
+                let qr = j.u("q_lora_rank").unwrap_or(0);
+                let kvr = j.req("kv_lora_rank")?;
+                let nope = j.req("qk_nope_head_dim")?;
+                let rope = j.req("qk_rope_head_dim")?;
+                let vd = j.req("v_head_dim")?;
+                let first_dense = j.u("first_k_dense_replace").unwrap_or(0) as usize;
+                let n_shared = j.u("n_shared_experts").unwrap_or(0);
+                let q = if qr > 0 {
+                    h * qr + qr + qr * nh * (nope + rope)
+                } else {
+                    h * nh * (nope + rope)
+                };
+                let attn = q + h * (kvr + rope) + kvr + kvr * nh * (nope + vd) + nh * vd * h;
+                for l in 0..layers as usize {
+                    dense += attn + 2 * h;
+                    if l >= first_dense {
+                        s.moe_layers.push(l);
+                        dense += experts * h + experts + n_shared * 3 * h * moe_inter;
+                    } else {
+                        dense += 3 * h * inter;
+                    }
+                }
+                // The cache holds the compressed latent and the rope key.
+                s.kv_elems_per_token = layers * (kvr + rope);
+                s.attn_flops_per_ctx = layers * 2 * nh * (nope + rope + vd);
+            }
+            "gpt_oss" => {
+                let window = j.u("sliding_window").unwrap_or(128);
+                let types: Vec<String> = v
+                    .get("layer_types")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .unwrap_or_default();
+                s.expert_params = 3 * h * moe_inter + 2 * moe_inter + h;
+                let attn = std_attn + nh * hd * 2 + nkv * hd * 2 + h + nh; // biases, sinks
+                let mut full = 0;
+                let mut sliding = 0;
+                for l in 0..layers as usize {
+                    dense += attn + 2 * h + experts * h + experts;
+                    s.moe_layers.push(l);
+                    if types.get(l).is_some_and(|t| t == "sliding_attention") {
+                        sliding += 1;
+                    } else {
+                        full += 1;
+                    }
+                }
+                s.kv_elems_per_token = full * 2 * nkv * hd;
+                s.window_kv = (sliding > 0).then_some((sliding * 2 * nkv * hd, window));
+                s.attn_flops_per_ctx = full * 4 * nh * hd;
+            }
+            "qwen3_5_moe" | "qwen3_next" | "qwen3_5_moe_text" => {
+                let types: Vec<String> = v
+                    .get("layer_types")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .unwrap_or_default();
+                let interval = j.u("full_attention_interval").unwrap_or(4).max(1) as usize;
+                let nk = j.req("linear_num_key_heads")?;
+                let nv = j.req("linear_num_value_heads")?;
+                let dk = j.req("linear_key_head_dim")?;
+                let dv = j.req("linear_value_head_dim")?;
+                let kernel = j.u("linear_conv_kernel_dim").unwrap_or(4);
+                let shared = j.u("shared_expert_intermediate_size").unwrap_or(0);
+                let conv_dim = 2 * nk * dk + nv * dv;
+                let linear = h * conv_dim + h * nv * dv + 2 * h * nv + conv_dim * kernel + 2 * nv + dv + nv * dv * h;
+                let gated_attn = h * nh * hd * 2 + 2 * h * nkv * hd + nh * hd * h + 2 * hd;
+                let mut full = 0;
+                for l in 0..layers as usize {
+                    let is_full = match types.get(l) {
+                        Some(t) => t == "full_attention",
+                        None => (l + 1) % interval == 0,
+                    };
+                    if is_full {
+                        full += 1;
+                        dense += gated_attn;
+                    } else {
+                        dense += linear;
+                        s.state_elems_per_seq += nv * dk * dv + conv_dim * (kernel - 1);
+                    }
+                    dense += 2 * h + experts * h + 3 * h * shared + h;
+                    s.moe_layers.push(l);
+                }
+                s.kv_elems_per_token = full * 2 * nkv * hd;
+                s.attn_flops_per_ctx = full * 4 * nh * hd;
+            }
+            other => {
+                return Err(PlanError::Config(format!(
+                    "model_type {other:?} cannot be sized; known: qwen3_moe, qwen2_moe, mixtral, olmoe, deepseek_v3, kimi_k2, gpt_oss, qwen3_5_moe, qwen3_next"
+                )));
+            }
+        }
+        s.dense_params = dense + embed + lm_head;
+        // Per token the embedding is one row; the LM head is read whole (tied or not).
+        s.dense_active_params = dense + vocab * h;
+        Ok(s)
+    }
+
+    /// All weights.
+    pub fn total_params(&self) -> u64 {
+        self.dense_params + self.moe_layers.len() as u64 * self.experts * self.expert_params
+    }
+
+    /// Weights used per token.
+    pub fn active_params(&self) -> u64 {
+        self.dense_active_params + self.moe_layers.len() as u64 * self.top_k * self.expert_params
+    }
+
+    /// KV-cache and state bytes of one sequence at `context` tokens (f32 cache).
+    pub fn cache_bytes(&self, context: u64) -> u64 {
+        let window = self
+            .window_kv
+            .map(|(e, w)| e * context.min(w))
+            .unwrap_or(0);
+        4 * (self.kv_elems_per_token * context + window + self.state_elems_per_seq)
+    }
+}
+
+/// One machine of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSpec {
+    /// Name for the tables.
+    pub name: String,
+    /// Memory in GB (1e9 bytes).
+    pub memory_gb: f64,
+    /// Memory read bandwidth our kernels reach, GB/s.
+    pub mem_bw_gbs: f64,
+    /// Cores used for compute.
+    pub cores: u32,
+    /// Sustained f32 GFLOP/s per core of our batched kernels.
+    #[serde(default = "default_gflops")]
+    pub gflops_per_core: f64,
+    /// Disk read bandwidth, GB/s (for paged experts).
+    #[serde(default)]
+    pub disk_bw_gbs: Option<f64>,
+    /// Memory kept free for the OS and other programs, GB.
+    #[serde(default = "default_reserve")]
+    pub reserve_gb: f64,
+    /// This node runs the coordinator (exactly one does).
+    #[serde(default)]
+    pub coordinator: bool,
+}
+
+fn default_gflops() -> f64 {
+    60.0
+}
+
+fn default_reserve() -> f64 {
+    2.0
+}
+
+/// The link between the coordinator and a worker.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSpec {
+    /// Bandwidth in Gbit/s.
+    pub bandwidth_gbps: f64,
+    /// Round-trip time in microseconds.
+    pub rtt_us: f64,
+    /// Software cost of one dispatch (encode, send, decode, wake), microseconds.
+    #[serde(default = "default_overhead")]
+    pub overhead_us: f64,
+}
+
+fn default_overhead() -> f64 {
+    60.0
+}
+
+/// A cluster: nodes plus the default link and per-worker overrides.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// The machines.
+    #[serde(rename = "node")]
+    pub nodes: Vec<NodeSpec>,
+    /// The link from the coordinator to every worker.
+    pub link: LinkSpec,
+}
+
+impl ClusterSpec {
+    /// Parses `cluster.toml`.
+    pub fn from_toml(text: &str) -> Result<Self, PlanError> {
+        let c: ClusterSpec = toml::from_str(text).map_err(|e| PlanError::Cluster(e.to_string()))?;
+        let coords = c.nodes.iter().filter(|n| n.coordinator).count();
+        if c.nodes.is_empty() {
+            return Err(PlanError::Cluster("no [[node]] entries".into()));
+        }
+        if coords > 1 {
+            return Err(PlanError::Cluster(format!(
+                "{coords} nodes say coordinator = true; one must"
+            )));
+        }
+        for n in &c.nodes {
+            if n.memory_gb <= 0.0 || n.mem_bw_gbs <= 0.0 || n.cores == 0 {
+                return Err(PlanError::Cluster(format!(
+                    "node {}: memory_gb, mem_bw_gbs and cores must be positive",
+                    n.name
+                )));
+            }
+        }
+        Ok(c)
+    }
+
+    /// Index of the coordinator node (the one marked, else the first).
+    pub fn coordinator(&self) -> usize {
+        self.nodes.iter().position(|n| n.coordinator).unwrap_or(0)
+    }
+}
+
+/// What to plan for.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PlanRequest {
+    /// Weight format of the routed experts.
+    pub expert_quant: Quant,
+    /// Weight format of the dense part.
+    pub dense_quant: Quant,
+    /// Tokens of context per sequence.
+    pub context: u64,
+    /// Sequences decoding together.
+    pub concurrency: u64,
+    /// Prompt length for the prefill figure.
+    pub prefill_tokens: u64,
+}
+
+/// Memory of one node in the plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodePlan {
+    /// Node name.
+    pub name: String,
+    /// Coordinator or worker.
+    pub role: &'static str,
+    /// Routed experts placed here (over all layers).
+    pub experts: usize,
+    /// Bytes of those experts.
+    pub expert_bytes: u64,
+    /// Dense weights (coordinator only).
+    pub dense_bytes: u64,
+    /// KV cache and state at the requested context and concurrency (coordinator only).
+    pub cache_bytes: u64,
+    /// Activations and buffers.
+    pub activation_bytes: u64,
+    /// Memory left after all of it (negative: short).
+    pub headroom_bytes: i64,
+    /// Seconds of this node's share of one decode step (memory or compute, the larger).
+    pub decode_busy_s: f64,
+}
+
+/// Time of one decode step, broken down.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeBreakdown {
+    /// Reading the dense weights and caches on the coordinator.
+    pub dense_memory_s: f64,
+    /// Dense arithmetic on the coordinator.
+    pub dense_compute_s: f64,
+    /// Expert time (the slowest host of each layer, summed over layers).
+    pub expert_s: f64,
+    /// Network: round trips, transfer and dispatch overhead, summed over layers.
+    pub network_s: f64,
+    /// Network share of one MoE layer.
+    pub network_per_layer_us: f64,
+    /// Whole step.
+    pub step_s: f64,
+}
+
+/// A complete plan.
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    /// The model's sizes.
+    pub model: ModelShape,
+    /// What was asked.
+    pub request: PlanRequest,
+    /// Total and active weights.
+    pub total_params: u64,
+    /// Weights used per token.
+    pub active_params: u64,
+    /// Per node.
+    pub nodes: Vec<NodePlan>,
+    /// Whether everything fits.
+    pub fits: bool,
+    /// Bytes missing in total (0 when it fits).
+    pub shortfall_bytes: u64,
+    /// What would make it fit.
+    pub advice: Vec<String>,
+    /// Decode step breakdown.
+    pub decode: DecodeBreakdown,
+    /// Generated tokens/s over all sequences.
+    pub decode_tok_s: f64,
+    /// Prompt tokens/s.
+    pub prefill_tok_s: f64,
+}
+
+const GB: f64 = 1e9;
+
+/// Plans `model` on `cluster`.
+pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan {
+    let ci = cluster.coordinator();
+    let ebytes = (model.expert_params as f64 * req.expert_quant.bytes_per_weight()).ceil() as u64;
+    let dense_bytes = (model.dense_params as f64 * req.dense_quant.bytes_per_weight()) as u64;
+    let cache_bytes = model.cache_bytes(req.context) * req.concurrency;
+    // Activations: a prefill chunk of 256 tokens through the widest layer, a few buffers.
+    let act = 256 * model.hidden * 4 * 16 + (64 << 20);
+    let usable: Vec<f64> = cluster
+        .nodes
+        .iter()
+        .map(|n| ((n.memory_gb - n.reserve_gb) * GB).max(0.0))
+        .collect();
+    let mut caps: Vec<HostCapacity> = cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let other = if i == ci {
+                dense_bytes + cache_bytes + act
+            } else {
+                act
+            };
+            HostCapacity {
+                name: n.name.clone(),
+                capacity: (usable[i] - other as f64).max(0.0) as u64,
+            }
+        })
+        .collect();
+    let total_expert_bytes = model.moe_layers.len() as u64 * model.experts * ebytes;
+    let offered: u64 = caps.iter().map(|c| c.capacity).sum();
+    let placement = place(&caps, &model.moe_layers, model.experts as usize, ebytes).ok();
+    let fits = placement.is_some();
+    // Counts per host: from the placement, or (when it does not fit) by capacity share, so the
+    // table still shows how short each node is.
+    let counts: Vec<usize> = match &placement {
+        Some(p) => p.counts(),
+        None => {
+            let total_cap: f64 = usable.iter().sum::<f64>().max(1.0);
+            let n_total = model.moe_layers.len() as f64 * model.experts as f64;
+            usable
+                .iter()
+                .map(|u| (n_total * u / total_cap).round() as usize)
+                .collect()
+        }
+    };
+    let n_moe = model.moe_layers.len().max(1) as f64;
+    let c = req.concurrency.max(1) as f64;
+    // Distinct experts a layer touches in one step.
+    let distinct = model.experts as f64
+        * (1.0 - (1.0 - model.top_k as f64 / model.experts as f64).powf(c));
+    let mut nodes = Vec::new();
+    let mut worst_layer_s = 0f64;
+    let mut any_remote = false;
+    let mut remote_share = 0f64;
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let share = counts[i] as f64 / (n_moe * model.experts as f64);
+        let bytes_per_layer = share * distinct * ebytes as f64;
+        let flops_per_layer = 2.0 * share * c * model.top_k as f64 * model.expert_params as f64;
+        let t_mem = bytes_per_layer / (n.mem_bw_gbs * GB);
+        let t_cmp = flops_per_layer / (n.gflops_per_core * n.cores as f64 * 1e9);
+        let t = t_mem.max(t_cmp);
+        worst_layer_s = worst_layer_s.max(t);
+        if i != ci && counts[i] > 0 {
+            any_remote = true;
+            remote_share = remote_share.max(share);
+        }
+        let (dense_b, cache_b, act_b) = if i == ci {
+            (dense_bytes, cache_bytes, act)
+        } else {
+            (0, 0, act)
+        };
+        let used = counts[i] as u64 * ebytes + dense_b + cache_b + act_b;
+        nodes.push(NodePlan {
+            name: n.name.clone(),
+            role: if i == ci { "coordinator" } else { "worker" },
+            experts: counts[i],
+            expert_bytes: counts[i] as u64 * ebytes,
+            dense_bytes: dense_b,
+            cache_bytes: cache_b,
+            activation_bytes: act_b,
+            headroom_bytes: (n.memory_gb * GB) as i64 - (n.reserve_gb * GB) as i64 - used as i64,
+            decode_busy_s: t * n_moe,
+        });
+        let _ = &mut caps;
+    }
+    // Network per MoE layer: one round trip (all workers in parallel), the activations of the
+    // tokens routed to the busiest worker both ways, and the dispatch overhead.
+    let link = &cluster.link;
+    let network_per_layer = if any_remote {
+        let tokens_to_worker = (c * (1.0 - (1.0 - remote_share).powf(model.top_k as f64))).max(1.0);
+        let bytes = tokens_to_worker * model.hidden as f64 * 4.0 * 2.0 + c * model.top_k as f64 * 12.0;
+        (link.rtt_us + link.overhead_us) * 1e-6 + bytes * 8.0 / (link.bandwidth_gbps * 1e9)
+    } else {
+        0.0
+    };
+    let coord = &cluster.nodes[ci];
+    let dense_read = model.dense_active_params as f64 * req.dense_quant.bytes_per_weight()
+        + (model.cache_bytes(req.context / 2) * req.concurrency) as f64;
+    let dense_memory_s = dense_read / (coord.mem_bw_gbs * GB);
+    let dense_compute_s = 2.0 * c * model.dense_active_params as f64
+        / (coord.gflops_per_core * coord.cores as f64 * 1e9);
+    let expert_s = worst_layer_s * model.moe_layers.len() as f64;
+    let network_s = network_per_layer * model.moe_layers.len() as f64;
+    let step_s = dense_memory_s.max(dense_compute_s) + expert_s + network_s;
+    // Prefill: flops over the coordinator (dense) and the hosts (experts, in parallel per layer),
+    // plus the per-layer network cost of each 256-token chunk.
+    let p = req.prefill_tokens.max(1) as f64;
+    let dense_flops = 2.0 * p * model.dense_active_params as f64
+        + model.attn_flops_per_ctx as f64 * p * p / 2.0;
+    let t_dense = dense_flops / (coord.gflops_per_core * coord.cores as f64 * 1e9);
+    let mut t_exp_layer = 0f64;
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        let share = counts[i] as f64 / (n_moe * model.experts as f64);
+        let f = 2.0 * p * model.top_k as f64 * share * model.expert_params as f64;
+        t_exp_layer = t_exp_layer.max(f / (n.gflops_per_core * n.cores as f64 * 1e9));
+    }
+    let chunks = (p / 256.0).ceil();
+    let t_net_prefill = if any_remote {
+        model.moe_layers.len() as f64
+            * (chunks * (link.rtt_us + link.overhead_us) * 1e-6
+                + p * model.top_k as f64 * remote_share * model.hidden as f64 * 8.0 * 8.0
+                    / (link.bandwidth_gbps * 1e9))
+    } else {
+        0.0
+    };
+    let prefill_s = t_dense + t_exp_layer * model.moe_layers.len() as f64 + t_net_prefill;
+    let need_total = total_expert_bytes + dense_bytes + cache_bytes;
+    let shortfall = if fits {
+        0
+    } else {
+        total_expert_bytes.saturating_sub(offered).max(
+            (need_total as f64 - usable.iter().sum::<f64>()).max(0.0) as u64,
+        )
+    };
+    let mut advice = Vec::new();
+    if !fits {
+        advice.push(format!(
+            "short by {:.1} GB: add that much memory across the nodes",
+            shortfall as f64 / GB
+        ));
+        for q in [Quant::Q8_0, Quant::Q4_K] {
+            if q.bytes_per_weight() < req.expert_quant.bytes_per_weight() {
+                let need = model.moe_layers.len() as f64
+                    * model.experts as f64
+                    * (model.expert_params as f64 * q.bytes_per_weight()).ceil()
+                    + model.dense_params as f64 * req.dense_quant.bytes_per_weight().min(2.0)
+                    + cache_bytes as f64;
+                if need <= usable.iter().sum::<f64>() - act as f64 * usable.len() as f64 {
+                    advice.push(format!(
+                        "or quantize the experts to {q:?} ({:.1} GB in all)",
+                        need / GB
+                    ));
+                    break;
+                }
+            }
+        }
+        advice.push(
+            "or page experts from local SSD (--memory-budget) at the cost of disk reads".into(),
+        );
+    }
+    Plan {
+        model: model.clone(),
+        request: req,
+        total_params: model.total_params(),
+        active_params: model.active_params(),
+        nodes,
+        fits,
+        shortfall_bytes: shortfall,
+        advice,
+        decode: DecodeBreakdown {
+            dense_memory_s,
+            dense_compute_s,
+            expert_s,
+            network_s,
+            network_per_layer_us: network_per_layer * 1e6,
+            step_s,
+        },
+        decode_tok_s: c / step_s,
+        prefill_tok_s: p / prefill_s,
+    }
+}
+
+/// The plan as a readable table.
+pub fn render(p: &Plan) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let gb = |b: f64| b / GB;
+    let _ = writeln!(
+        s,
+        "model {}: {:.1}B weights, {:.2}B active per token, {} MoE layers x {} experts (top-{})",
+        p.model.model_type,
+        p.total_params as f64 / 1e9,
+        p.active_params as f64 / 1e9,
+        p.model.moe_layers.len(),
+        p.model.experts,
+        p.model.top_k
+    );
+    let _ = writeln!(
+        s,
+        "experts as {:?}, dense part as {:?}, context {} x {} sequences\n",
+        p.request.expert_quant, p.request.dense_quant, p.request.context, p.request.concurrency
+    );
+    let _ = writeln!(
+        s,
+        "{:<14} {:<12} {:>8} {:>11} {:>10} {:>10} {:>10} {:>11}",
+        "node", "role", "experts", "experts GB", "dense GB", "KV GB", "act GB", "headroom GB"
+    );
+    for n in &p.nodes {
+        let _ = writeln!(
+            s,
+            "{:<14} {:<12} {:>8} {:>11.2} {:>10.2} {:>10.2} {:>10.2} {:>11.2}",
+            n.name,
+            n.role,
+            n.experts,
+            gb(n.expert_bytes as f64),
+            gb(n.dense_bytes as f64),
+            gb(n.cache_bytes as f64),
+            gb(n.activation_bytes as f64),
+            gb(n.headroom_bytes as f64)
+        );
+    }
+    if p.fits {
+        let d = &p.decode;
+        let _ = writeln!(
+            s,
+            "\ndecode  {:.1} tokens/s  (step {:.2} ms = dense memory {:.2} ms | dense compute {:.2} ms, experts {:.2} ms, network {:.2} ms = {:.0} us per MoE layer)",
+            p.decode_tok_s,
+            d.step_s * 1e3,
+            d.dense_memory_s * 1e3,
+            d.dense_compute_s * 1e3,
+            d.expert_s * 1e3,
+            d.network_s * 1e3,
+            d.network_per_layer_us
+        );
+        let _ = writeln!(s, "prefill {:.1} tokens/s", p.prefill_tok_s);
+    } else {
+        let _ = writeln!(
+            s,
+            "\nDOES NOT FIT: short by {:.1} GB",
+            gb(p.shortfall_bytes as f64)
+        );
+        for a in &p.advice {
+            let _ = writeln!(s, "  - {a}");
+        }
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const QWEN3_BENCH: &str = r#"{"model_type":"qwen3_moe","hidden_size":1024,"num_hidden_layers":12,
+        "num_attention_heads":16,"num_key_value_heads":4,"head_dim":128,"intermediate_size":3072,
+        "moe_intermediate_size":512,"num_experts":64,"num_experts_per_tok":8,"vocab_size":32768}"#;
+
+    fn cluster(nodes: &[(f64, f64)], rtt_us: f64) -> ClusterSpec {
+        ClusterSpec {
+            nodes: nodes
+                .iter()
+                .enumerate()
+                .map(|(i, &(mem, bw))| NodeSpec {
+                    name: format!("n{i}"),
+                    memory_gb: mem,
+                    mem_bw_gbs: bw,
+                    cores: 2,
+                    gflops_per_core: 60.0,
+                    disk_bw_gbs: None,
+                    reserve_gb: 0.5,
+                    coordinator: i == 0,
+                })
+                .collect(),
+            link: LinkSpec {
+                bandwidth_gbps: 10.0,
+                rtt_us,
+                overhead_us: 60.0,
+            },
+        }
+    }
+
+    fn req(q: Quant) -> PlanRequest {
+        PlanRequest {
+            expert_quant: q,
+            dense_quant: q,
+            context: 4096,
+            concurrency: 1,
+            prefill_tokens: 512,
+        }
+    }
+
+    #[test]
+    fn benchmark_model_counts_match_the_issue() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        // 1.34B weights, 248M active per token (the benchmark model's published figures).
+        assert!((m.total_params() as f64 / 1e9 - 1.339).abs() < 0.01, "{}", m.total_params());
+        assert!((m.active_params() as f64 / 1e6 - 248.0).abs() < 2.0, "{}", m.active_params());
+        assert_eq!(m.kv_elems_per_token, 12 * 2 * 4 * 128);
+    }
+
+    #[test]
+    fn real_configs_have_their_published_sizes() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/configs");
+        // (file, total B, active B) as published, with 4% slack for what the counts leave out.
+        let cases = [
+            ("qwen3-235b-a22b.json", 235.0, 22.0),
+            ("mixtral-8x22b.json", 141.0, 39.0),
+            ("deepseek-v3.json", 671.0, 37.0),
+            ("gpt-oss-120b.json", 117.0, 5.1),
+            ("qwen3.5-397b-a17b.json", 397.0, 17.0),
+        ];
+        for (f, total, active) in cases {
+            let text = std::fs::read_to_string(format!("{dir}/{f}")).unwrap();
+            let m = ModelShape::from_config_json(&text).unwrap();
+            let t = m.total_params() as f64 / 1e9;
+            let a = m.active_params() as f64 / 1e9;
+            assert!((t / total - 1.0).abs() < 0.04, "{f}: total {t:.1}B vs {total}B");
+            assert!((a / active - 1.0).abs() < 0.15, "{f}: active {a:.2}B vs {active}B");
+        }
+    }
+
+    #[test]
+    fn placement_follows_memory_and_more_workers_cost_network() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        let single = plan(&m, &cluster(&[(24.0, 60.0)], 0.0), req(Quant::Bf16));
+        assert!(single.fits);
+        assert_eq!(single.nodes[0].experts, 12 * 64);
+        assert_eq!(single.decode.network_s, 0.0);
+        let three = plan(&m, &cluster(&[(4.0, 60.0), (8.0, 60.0), (8.0, 60.0)], 100.0), req(Quant::Bf16));
+        assert!(three.fits);
+        assert_eq!(three.nodes.iter().map(|n| n.experts).sum::<usize>(), 12 * 64);
+        assert!(three.nodes[1].experts > three.nodes[0].experts);
+        assert!(three.decode.network_s > 0.0);
+        // Spreading experts shortens the expert time, the network adds to it.
+        assert!(three.decode.expert_s < single.decode.expert_s);
+    }
+
+    #[test]
+    fn too_small_says_by_how_much_and_what_fixes_it() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        let p = plan(&m, &cluster(&[(2.0, 60.0), (1.5, 60.0)], 100.0), req(Quant::Bf16));
+        assert!(!p.fits);
+        assert!(p.shortfall_bytes > 0);
+        assert!(p.advice.iter().any(|a| a.contains("Q8_0") || a.contains("Q4_K")), "{:?}", p.advice);
+        assert!(render(&p).contains("DOES NOT FIT"));
+    }
+
+    #[test]
+    fn quantization_and_concurrency_move_the_figures_the_right_way() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        let c = cluster(&[(24.0, 60.0)], 0.0);
+        let short = |q| PlanRequest {
+            context: 256,
+            ..req(q)
+        };
+        let bf16 = plan(&m, &c, short(Quant::Bf16));
+        let q4 = plan(&m, &c, short(Quant::Q4_K));
+        assert!(q4.decode_tok_s > 2.0 * bf16.decode_tok_s);
+        // At long context the f32 KV cache is read every step and narrows the gap.
+        let long_bf16 = plan(&m, &c, req(Quant::Bf16));
+        let long_q4 = plan(&m, &c, req(Quant::Q4_K));
+        assert!(long_q4.decode_tok_s / long_bf16.decode_tok_s < q4.decode_tok_s / bf16.decode_tok_s);
+        let mut r = short(Quant::Bf16);
+        r.concurrency = 8;
+        let eight = plan(&m, &c, r);
+        // Eight sequences share the dense weights but touch most of the 64 experts (1 - (56/64)^8
+        // = 66% of them), so batching helps, but far less than 8x.
+        let gain = eight.decode_tok_s / bf16.decode_tok_s;
+        assert!(gain > 1.5 && gain < 8.0, "gain {gain}");
+        assert!(eight.decode.expert_s > 4.0 * bf16.decode.expert_s);
+    }
+
+    #[test]
+    fn cluster_toml_is_checked() {
+        let ok = r#"
+            [[node]]
+            name = "mac1"
+            memory_gb = 64
+            mem_bw_gbs = 100
+            cores = 10
+            coordinator = true
+            [[node]]
+            name = "mac2"
+            memory_gb = 64
+            mem_bw_gbs = 100
+            cores = 10
+            [link]
+            bandwidth_gbps = 10
+            rtt_us = 300
+        "#;
+        let c = ClusterSpec::from_toml(ok).unwrap();
+        assert_eq!(c.coordinator(), 0);
+        assert!(ClusterSpec::from_toml("[link]\nbandwidth_gbps = 1\nrtt_us = 1\n").is_err());
+        let typo = ok.replace("mem_bw_gbs = 100\n            cores = 10\n            coordinator", "mem_bw = 100\n            cores = 10\n            coordinator");
+        assert!(ClusterSpec::from_toml(&typo).is_err());
+    }
+}
