@@ -326,8 +326,10 @@ impl Model {
         for s in seqs.iter_mut() {
             s.cache.len += s.tokens.len();
         }
-        // Final norm and LM head on the wanted rows only.
-        let mut out = Vec::with_capacity(seqs.len());
+        // Final norm and LM head on the wanted rows only, all sequences' rows in one matmul so
+        // a batch reads the LM head once (every row is computed independently of the others).
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut wanted = Vec::new();
         let mut offset = 0;
         for s in seqs.iter() {
             let len = s.tokens.len();
@@ -337,13 +339,22 @@ impl Model {
                 _ => offset..offset,
             };
             offset += len;
-            let m = rows.len();
-            if m == 0 {
-                out.push(Vec::new());
-                continue;
-            }
-            let hn = rms_norm(&x[rows.start * h..rows.end * h], &self.norm, cfg.rms_norm_eps);
-            out.push(self.lm_head.forward(&hn, m));
+            spans.push(rows.len());
+            wanted.extend_from_slice(&x[rows.start * h..rows.end * h]);
+        }
+        let m: usize = spans.iter().sum();
+        let logits = if m == 0 {
+            Vec::new()
+        } else {
+            let hn = rms_norm(&wanted, &self.norm, cfg.rms_norm_eps);
+            self.lm_head.forward(&hn, m)
+        };
+        let vocab = cfg.vocab_size;
+        let mut out = Vec::with_capacity(seqs.len());
+        let mut at = 0;
+        for rows in spans {
+            out.push(logits[at * vocab..(at + rows) * vocab].to_vec());
+            at += rows;
         }
         Ok(out)
     }
