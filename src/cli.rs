@@ -35,6 +35,11 @@ enum Command {
     Plan(crate::plan::PlanArgs),
     /// Measure this node (memory bandwidth, kernel throughput, loopback round trip) for plans.
     Calibrate(crate::plan::CalibrateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(crate::serve::ServeArgs),
+    /// Measure a running server: aggregate tokens/s and time to first token at several
+    /// concurrencies.
+    BenchServe(crate::bench_serve::BenchServeArgs),
 }
 
 #[derive(Args)]
@@ -126,6 +131,8 @@ pub fn run() -> Result<()> {
         Command::Worker(a) => crate::cluster::cmd_worker(a),
         Command::Plan(a) => crate::plan::cmd_plan(a),
         Command::Calibrate(a) => crate::plan::cmd_calibrate(a),
+        Command::Serve(a) => crate::serve::cmd_serve(a),
+        Command::BenchServe(a) => crate::bench_serve::cmd_bench_serve(a),
         Command::Bench(a) => {
             let loaded = load(&a.model.model, &a.cluster)?;
             let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;

@@ -1,9 +1,11 @@
 //! The `moeshard` command line: one binary for single-process runs, the coordinator and workers.
 
 mod bench;
+mod bench_serve;
 mod cli;
 mod cluster;
 mod plan;
+mod serve;
 
 use std::process::ExitCode;
 

@@ -10,6 +10,7 @@ mod cluster;
 pub mod local;
 pub mod placement;
 pub mod plan;
+pub mod serve;
 pub mod stats;
 
 pub use cluster::{ClusterExperts, ClusterOptions, WorkerInfo};
