@@ -23,6 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The embedded default: the bundled small model, two local worker processes, one chat turn.
+    Run(RunArgs),
     /// Generate text from a prompt, streaming it to stdout.
     Generate(GenerateArgs),
     /// Write the logits at every position of a token sequence as a float32 .npy [n_tokens, vocab].
@@ -108,6 +110,50 @@ struct GenerateArgs {
     max_context: usize,
 }
 
+/// The bundled model `run` uses (a small random-weight Qwen3-MoE made by the fixture script).
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/qwen3_moe_tiny");
+
+#[derive(Args)]
+struct RunArgs {
+    /// The user message.
+    #[arg(long, default_value = "What is a mixture of experts?")]
+    prompt: String,
+    /// Local worker processes hosting the experts.
+    #[arg(long, default_value_t = 2)]
+    local_workers: usize,
+    /// Wire transport to the workers.
+    #[arg(long, default_value = "quic", value_parser = ["grpc", "quic"])]
+    transport: String,
+    /// Most new tokens.
+    #[arg(long, default_value_t = 48)]
+    max_tokens: usize,
+}
+
+impl RunArgs {
+    fn into_generate(self) -> GenerateArgs {
+        GenerateArgs {
+            model: ModelArgs {
+                model: PathBuf::from(DEFAULT_MODEL),
+            },
+            cluster: ClusterArgs {
+                local_workers: self.local_workers,
+                transport: self.transport,
+                rpc_timeout: 30.0,
+                connect_timeout: 10.0,
+                ..ClusterArgs::default()
+            },
+            prompt: self.prompt,
+            chat: true,
+            max_tokens: self.max_tokens,
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            seed: 0,
+            max_context: 4096,
+        }
+    }
+}
+
 #[derive(Args)]
 struct LogitsArgs {
     #[command(flatten)]
@@ -126,6 +172,13 @@ struct LogitsArgs {
 pub fn run() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Run(a) => {
+            eprintln!(
+                "moeshard run: model {DEFAULT_MODEL} (random weights: the text is noise), {} local workers over {}",
+                a.local_workers, a.transport
+            );
+            cmd_generate(a.into_generate())
+        }
         Command::Generate(a) => cmd_generate(a),
         Command::Logits(a) => cmd_logits(a),
         Command::Worker(a) => crate::cluster::cmd_worker(a),
