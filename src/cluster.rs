@@ -63,9 +63,7 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
             }
         });
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("moeshard-worker-net")
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the network runtime")?;

@@ -285,7 +285,7 @@ impl ClusterExperts {
         }
         let fingerprint = model_fingerprint(dir, ckpt)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("moeshard-net")
             .enable_all()
             .build()
