@@ -15,7 +15,11 @@ const DOMAIN: &[u8] = b"moeshard model fingerprint v1\0";
 
 /// Hex BLAKE3 fingerprint of the checkpoint in `dir` (already opened as `ckpt`).
 pub fn model_fingerprint(dir: &Path, ckpt: &Checkpoint) -> Result<String> {
-    let path = config_path(dir);
+    let path = if ckpt.is_synthetic() {
+        ckpt.config_file()
+    } else {
+        config_path(dir)
+    };
     let config = std::fs::read(&path).map_err(|e| EngineError::io(&path, e))?;
     Ok(fingerprint_of(&config, ckpt))
 }
@@ -29,6 +33,10 @@ pub fn fingerprint_of(config_json: &[u8], ckpt: &Checkpoint) -> String {
     h.update(config_json);
     let mut names: Vec<&str> = ckpt.names().collect();
     names.sort_unstable();
+    if let Some(seed) = ckpt.synthetic_seed() {
+        h.update(b"synthetic weights, seed");
+        h.update(&seed.to_le_bytes());
+    }
     h.update(&(names.len() as u64).to_le_bytes());
     for name in names {
         h.update(&(name.len() as u64).to_le_bytes());

@@ -14,6 +14,7 @@ pub mod npy;
 pub mod routing;
 pub mod safetensors;
 pub mod sampling;
+pub mod synthetic;
 pub mod tensor;
 pub mod tokenizer;
 

@@ -167,6 +167,25 @@ impl Model {
         Ok((model, ckpt))
     }
 
+    /// A model of synthetic weights (see [`crate::synthetic`]) in the shapes of the config at
+    /// `config` (a `config.json` or a directory holding one), optionally cut to its first
+    /// `layers` layers.
+    pub fn load_synthetic(
+        config: &Path,
+        layers: Option<usize>,
+        seed: u64,
+    ) -> Result<(Self, Checkpoint)> {
+        let cfg = synthetic_config(config, layers)?;
+        let file = if config.is_dir() {
+            config.join("config.json")
+        } else {
+            config.to_path_buf()
+        };
+        let ckpt = Checkpoint::synthetic(&file, &cfg, crate::tensor::DType::BF16, seed);
+        let model = Self::from_checkpoint(cfg, &ckpt)?;
+        Ok((model, ckpt))
+    }
+
     /// Builds the dense part from an open checkpoint.
     pub fn from_checkpoint(cfg: ModelConfig, ckpt: &Checkpoint) -> Result<Self> {
         let h = cfg.hidden_size;
@@ -384,7 +403,8 @@ impl Model {
         }
         for (i, &pos) in positions.iter().enumerate() {
             self.rope.apply(&mut q[i * nh * hd..(i + 1) * nh * hd], pos);
-            self.rope.apply(&mut k[i * nkv * hd..(i + 1) * nkv * hd], pos);
+            self.rope
+                .apply(&mut k[i * nkv * hd..(i + 1) * nkv * hd], pos);
         }
         // Append this step's keys and values to each sequence's cache.
         let kvw = nkv * hd;
@@ -502,7 +522,10 @@ impl Model {
         if let Some((y, gl)) = shared {
             for t in 0..n {
                 let gate = sigmoid(gl[t]);
-                for (a, b) in out[t * h..(t + 1) * h].iter_mut().zip(&y[t * h..(t + 1) * h]) {
+                for (a, b) in out[t * h..(t + 1) * h]
+                    .iter_mut()
+                    .zip(&y[t * h..(t + 1) * h])
+                {
                     *a += gate * b;
                 }
             }
@@ -514,4 +537,29 @@ impl Model {
     pub fn arch(&self) -> Arch {
         self.cfg.arch
     }
+}
+
+/// Reads the config a synthetic run uses: `path` is a `config.json` or a directory with one;
+/// `layers` keeps only the first layers (a planner scales the result back up).
+pub fn synthetic_config(path: &Path, layers: Option<usize>) -> Result<ModelConfig> {
+    let mut cfg = if path.is_dir() {
+        ModelConfig::from_dir(path)?
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| EngineError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        ModelConfig::from_json_str(&text, path)?
+    };
+    if let Some(k) = layers {
+        if k == 0 || k > cfg.num_hidden_layers {
+            return Err(EngineError::Input(format!(
+                "--layers {k} must be between 1 and the model's {} layers",
+                cfg.num_hidden_layers
+            )));
+        }
+        cfg.num_hidden_layers = k;
+        cfg.layer_kinds.truncate(k);
+    }
+    Ok(cfg)
 }

@@ -189,7 +189,18 @@ pub struct Checkpoint {
     dir: PathBuf,
     files: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
+    synthetic: Option<Synthetic>,
 }
+
+/// The generated stand-in for files (see [`crate::synthetic`]).
+struct Synthetic {
+    seed: u64,
+    config_file: PathBuf,
+    tensors: BTreeMap<String, TensorInfo>,
+}
+
+/// The path synthetic tensors report as their file.
+pub const SYNTHETIC_PATH: &str = "<synthetic>";
 
 impl Checkpoint {
     /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
@@ -197,8 +208,8 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let file_names: Vec<String> = if index_path.exists() {
-            let text =
-                std::fs::read_to_string(&index_path).map_err(|e| EngineError::io(&index_path, e))?;
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| EngineError::io(&index_path, e))?;
             let v: Value = serde_json::from_str(&text)
                 .map_err(|e| format_err(&index_path, format!("index is not valid JSON: {e}")))?;
             let map = v
@@ -208,7 +219,10 @@ impl Checkpoint {
             let mut names: Vec<String> = Vec::new();
             for (tensor, f) in map {
                 let f = f.as_str().ok_or_else(|| {
-                    format_err(&index_path, format!("weight_map[{tensor:?}] is not a file name"))
+                    format_err(
+                        &index_path,
+                        format!("weight_map[{tensor:?}] is not a file name"),
+                    )
                 })?;
                 if f.contains('/') || f.contains('\\') || f == ".." {
                     return Err(format_err(
@@ -250,7 +264,46 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             files,
             index,
+            synthetic: None,
         })
+    }
+
+    /// A checkpoint of deterministic random weights in the shapes `cfg` describes, generated on
+    /// first use and never written to disk. `dir` is only used in messages.
+    pub fn synthetic(
+        config_file: &Path,
+        cfg: &crate::config::ModelConfig,
+        dtype: DType,
+        seed: u64,
+    ) -> Self {
+        Checkpoint {
+            dir: config_file.parent().unwrap_or(config_file).to_path_buf(),
+            files: Vec::new(),
+            index: HashMap::new(),
+            synthetic: Some(Synthetic {
+                seed,
+                config_file: config_file.to_path_buf(),
+                tensors: crate::synthetic::tensor_index(cfg, dtype),
+            }),
+        }
+    }
+
+    /// Whether the weights are synthetic.
+    pub fn is_synthetic(&self) -> bool {
+        self.synthetic.is_some()
+    }
+
+    /// The seed of synthetic weights.
+    pub fn synthetic_seed(&self) -> Option<u64> {
+        self.synthetic.as_ref().map(|s| s.seed)
+    }
+
+    /// The config file this checkpoint was described by.
+    pub fn config_file(&self) -> PathBuf {
+        match &self.synthetic {
+            Some(s) => s.config_file.clone(),
+            None => self.dir.join("config.json"),
+        }
     }
 
     /// The model directory.
@@ -260,16 +313,25 @@ impl Checkpoint {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        match &self.synthetic {
+            Some(s) => s.tensors.contains_key(name),
+            None => self.index.contains_key(name),
+        }
     }
 
     /// All tensor names.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
+    pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        match &self.synthetic {
+            Some(s) => Box::new(s.tensors.keys().map(String::as_str)),
+            None => Box::new(self.index.keys().map(String::as_str)),
+        }
     }
 
     /// Placement of a tensor (its file and range), if present.
     pub fn info(&self, name: &str) -> Option<(&Path, &TensorInfo)> {
+        if let Some(s) = &self.synthetic {
+            return Some((Path::new(SYNTHETIC_PATH), s.tensors.get(name)?));
+        }
         let f = &self.files[*self.index.get(name)?];
         Some((f.path(), f.tensors().get(name)?))
     }
@@ -280,6 +342,10 @@ impl Checkpoint {
             name: name.to_string(),
             dir: self.dir.clone(),
         };
+        if let Some(s) = &self.synthetic {
+            let info = s.tensors.get(name).ok_or_else(missing)?;
+            return Ok(crate::synthetic::generate(name, info, s.seed));
+        }
         let i = *self.index.get(name).ok_or_else(missing)?;
         self.files[i].tensor(name).ok_or_else(missing)?
     }

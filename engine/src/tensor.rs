@@ -70,7 +70,11 @@ pub struct Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({}, {:?}, {:?})", self.name, self.dtype, self.shape)
+        write!(
+            f,
+            "Tensor({}, {:?}, {:?})",
+            self.name, self.dtype, self.shape
+        )
     }
 }
 
@@ -152,6 +156,12 @@ impl Tensor {
         Self::owned(name, DType::F32, shape, bytemuck::cast_slice(data))
     }
 
+    /// A tensor owning bf16 data.
+    pub fn from_bf16(name: &str, shape: Vec<usize>, data: &[half::bf16]) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len());
+        Self::owned(name, DType::BF16, shape, bytemuck::cast_slice(data))
+    }
+
     fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
         let mut buf = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
@@ -167,7 +177,12 @@ impl Tensor {
     }
 
     fn to_owned_copy(&self) -> Self {
-        Self::owned(&self.name, self.dtype, self.shape.clone(), self.bytes.as_slice())
+        Self::owned(
+            &self.name,
+            self.dtype,
+            self.shape.clone(),
+            self.bytes.as_slice(),
+        )
     }
 
     /// The tensor's name in the checkpoint.
