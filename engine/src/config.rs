@@ -323,8 +323,9 @@ impl ModelConfig {
             _ => r.bool_or("norm_topk_prob", false)?,
         };
         let shared_expert_intermediate_size = match arch {
-            Arch::Qwen2Moe => Some(r.usize_req("shared_expert_intermediate_size")?)
-                .filter(|&n| n > 0),
+            Arch::Qwen2Moe => {
+                Some(r.usize_req("shared_expert_intermediate_size")?).filter(|&n| n > 0)
+            }
             _ => None,
         };
         let layer_kinds = match arch {

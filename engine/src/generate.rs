@@ -95,7 +95,10 @@ pub fn generate(
             cache: &mut cache,
             want: WantLogits::Last,
         }];
-        logits = model.forward(&mut steps, experts)?.pop().unwrap_or_default();
+        logits = model
+            .forward(&mut steps, experts)?
+            .pop()
+            .unwrap_or_default();
     }
 }
 
@@ -109,7 +112,12 @@ pub fn all_logits(model: &Model, experts: &dyn ExpertBackend, tokens: &[u32]) ->
             cache: &mut cache,
             want: WantLogits::All,
         }];
-        out.extend(model.forward(&mut steps, experts)?.pop().unwrap_or_default());
+        out.extend(
+            model
+                .forward(&mut steps, experts)?
+                .pop()
+                .unwrap_or_default(),
+        );
     }
     Ok(out)
 }
@@ -135,7 +143,10 @@ pub fn prefill(
             cache: &mut *cache,
             want,
         }];
-        logits = model.forward(&mut steps, experts)?.pop().unwrap_or_default();
+        logits = model
+            .forward(&mut steps, experts)?
+            .pop()
+            .unwrap_or_default();
     }
     Ok(logits)
 }

@@ -309,7 +309,11 @@ impl<'a> Cursor<'a> {
 pub fn parse(
     path: &Path,
     bytes: &[u8],
-) -> Result<(u32, BTreeMap<String, Value>, BTreeMap<String, GgufTensorInfo>)> {
+) -> Result<(
+    u32,
+    BTreeMap<String, Value>,
+    BTreeMap<String, GgufTensorInfo>,
+)> {
     let mut c = Cursor {
         bytes,
         pos: 0,
@@ -354,9 +358,7 @@ pub fn parse(
         let mut dims = Vec::with_capacity(n_dims);
         for _ in 0..n_dims {
             let d = c.u64(&name)?;
-            dims.push(
-                usize::try_from(d).map_err(|_| c.err(format!("tensor {name:?}: dim {d}")))?,
-            );
+            dims.push(usize::try_from(d).map_err(|_| c.err(format!("tensor {name:?}: dim {d}")))?);
         }
         let ty_id = c.u32(&name)?;
         let ty = GgmlType::from_id(ty_id)
@@ -373,7 +375,9 @@ pub fn parse(
             msg: format!("tensor {name:?}: {msg}"),
         };
         if offset % alignment != 0 {
-            return Err(bad(format!("offset {offset} is not aligned to {alignment}")));
+            return Err(bad(format!(
+                "offset {offset} is not aligned to {alignment}"
+            )));
         }
         let numel = dims
             .iter()
@@ -387,7 +391,10 @@ pub fn parse(
             .ok_or_else(|| bad("size overflows".into()))?;
         let start = data_start
             .checked_add(offset)
-            .filter(|s| s.checked_add(len as u64).is_some_and(|e| e <= bytes.len() as u64))
+            .filter(|s| {
+                s.checked_add(len as u64)
+                    .is_some_and(|e| e <= bytes.len() as u64)
+            })
             .ok_or_else(|| {
                 bad(format!(
                     "{len} bytes at offset {offset} lie outside the file ({} bytes): truncated?",
@@ -516,7 +523,13 @@ impl Writer {
     }
 
     /// Adds a tensor given its dims (fastest-varying first) and its encoded bytes.
-    pub fn tensor(&mut self, name: &str, ty: GgmlType, dims: Vec<usize>, data: Vec<u8>) -> &mut Self {
+    pub fn tensor(
+        &mut self,
+        name: &str,
+        ty: GgmlType,
+        dims: Vec<usize>,
+        data: Vec<u8>,
+    ) -> &mut Self {
         self.tensors.push((name.to_string(), ty, dims, data));
         self
     }
@@ -582,9 +595,15 @@ mod tests {
         let (v, meta, tensors) = parse(Path::new("t.gguf"), &bytes)?;
         assert_eq!(v, 3);
         assert_eq!(meta["qwen3moe.block_count"].as_u64(), Some(2));
-        assert_eq!(meta["tokenizer.ggml.tokens"].as_array().map(<[Value]>::len), Some(2));
+        assert_eq!(
+            meta["tokenizer.ggml.tokens"].as_array().map(<[Value]>::len),
+            Some(2)
+        );
         let w = &tensors["w"];
-        assert_eq!((w.ty, w.dims.clone(), w.len), (GgmlType::F32, vec![4, 2], 32));
+        assert_eq!(
+            (w.ty, w.dims.clone(), w.len),
+            (GgmlType::F32, vec![4, 2], 32)
+        );
         assert_eq!(bytes[w.start + 4..w.start + 8], 1f32.to_le_bytes());
         assert_eq!(tensors["q"].len, 34);
         assert_eq!(tensors["q"].start % 32, 0);
@@ -616,7 +635,10 @@ mod tests {
         let key_end = 24 + 8 + 1 + 4; // header, key length, key "a", value type
         let count_at = key_end + 4;
         b[count_at..count_at + 8].copy_from_slice(&(1u64 << 60).to_le_bytes());
-        let e = parse(Path::new("t.gguf"), &b).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = parse(Path::new("t.gguf"), &b)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("cannot fit"), "{e}");
     }
 
@@ -625,20 +647,45 @@ mod tests {
         let base = sample();
         let mut b = base.clone();
         b[0] = b'X';
-        assert!(parse(Path::new("t"), &b).unwrap_err().to_string().contains("magic"));
+        assert!(
+            parse(Path::new("t"), &b)
+                .unwrap_err()
+                .to_string()
+                .contains("magic")
+        );
         let mut b = base.clone();
         b[4..8].copy_from_slice(&9u32.to_le_bytes());
-        assert!(parse(Path::new("t"), &b).unwrap_err().to_string().contains("version 9"));
+        assert!(
+            parse(Path::new("t"), &b)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
         // Unknown tensor type: patch the type id of tensor "w" (F32 = 0) to 99.
         let (_, _, tensors) = parse(Path::new("t"), &base).unwrap();
         assert_eq!(tensors.len(), 2);
         let needle: Vec<u8> = [1u64.to_le_bytes().as_slice(), b"w", &2u32.to_le_bytes()].concat();
-        let at = base.windows(needle.len()).position(|w| w == needle).unwrap() + needle.len() + 16;
+        let at = base
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .unwrap()
+            + needle.len()
+            + 16;
         let mut b = base.clone();
         b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
-        assert!(parse(Path::new("t"), &b).unwrap_err().to_string().contains("ggml type 99"));
+        assert!(
+            parse(Path::new("t"), &b)
+                .unwrap_err()
+                .to_string()
+                .contains("ggml type 99")
+        );
         let mut b = base;
         b[at + 4..at + 12].copy_from_slice(&(1u64 << 40).to_le_bytes());
-        assert!(parse(Path::new("t"), &b).unwrap_err().to_string().contains("outside the file"));
+        assert!(
+            parse(Path::new("t"), &b)
+                .unwrap_err()
+                .to_string()
+                .contains("outside the file")
+        );
     }
 }
