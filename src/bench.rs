@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use clap::Args;
 use moeshard_engine::sampling::Rng;
-use moeshard_engine::{
-    ExpertBackend, ExpertRow, Model, PendingExperts, SeqStep, WantLogits,
-};
+use moeshard_engine::{ExpertBackend, ExpertRow, Model, PendingExperts, SeqStep, WantLogits};
 use serde::Serialize;
 
 use crate::cli::{ClusterArgs, ModelArgs};
@@ -100,7 +98,9 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
 }
 
 fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|_| (rng.next_u64() % vocab as u64) as u32).collect()
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
 }
 
 /// Runs the measurements on a loaded model and backend.
@@ -203,7 +203,10 @@ pub(crate) fn print(r: &BenchReport, json: bool) -> Result<()> {
         println!("model            {}", r.model);
         println!("workers          {} ({})", r.workers, r.transport);
         println!("threads          {}", r.threads);
-        println!("decode           {:.1} tokens/s ({:.2} ms/token)", r.decode_tok_s, r.decode_ms_per_token);
+        println!(
+            "decode           {:.1} tokens/s ({:.2} ms/token)",
+            r.decode_tok_s, r.decode_ms_per_token
+        );
         println!("prefill          {:.1} tokens/s", r.prefill_tok_s);
         println!(
             "MoE round trip   p50 {:.0} us, p99 {:.0} us ({} samples over {} MoE layers)",

@@ -123,14 +123,18 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
         .collect();
     let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.01).collect();
     let mut y = vec![0f32; rows];
-    let t_mv = best_of(5, || kernels::matmul(Mat::BF16(&w), rows, cols, &x, 1, &mut y));
+    let t_mv = best_of(5, || {
+        kernels::matmul(Mat::BF16(&w), rows, cols, &x, 1, &mut y)
+    });
     let bw = (rows * cols * 2) as f64 / t_mv / 1e9;
     // Compute: a batched product on an in-cache matrix.
     let (r2, c2, n2) = (512, 1024, 64);
     let w2: Vec<f32> = (0..r2 * c2).map(|i| (i % 7) as f32 * 0.1).collect();
     let x2: Vec<f32> = (0..n2 * c2).map(|i| (i % 5) as f32 * 0.1).collect();
     let mut y2 = vec![0f32; n2 * r2];
-    let t_mm = best_of(5, || kernels::matmul(Mat::F32(&w2), r2, c2, &x2, n2, &mut y2));
+    let t_mm = best_of(5, || {
+        kernels::matmul(Mat::F32(&w2), r2, c2, &x2, n2, &mut y2)
+    });
     let gflops = 2.0 * (r2 * c2 * n2) as f64 / t_mm / 1e9;
     // Loopback round trip of a decode-sized message (one 4 KB hidden state each way).
     let rtt_us = loopback_rtt_us(4096, 200)?;

@@ -1,4 +1,5 @@
 //! Bad input gets a clear error naming what and where, and a non-zero exit; never a panic.
+#![allow(clippy::unwrap_used)] // a test fails loudly on any unexpected error
 
 mod common;
 
@@ -65,7 +66,11 @@ fn missing_weights() {
 fn missing_shard() {
     let d = copy_fixture("qwen3_moe_bf16_sharded");
     std::fs::remove_file(d.path().join("model-00002-of-00003.safetensors")).unwrap();
-    expect_failure(d.path(), "1,2", &["model-00002-of-00003.safetensors", "missing"]);
+    expect_failure(
+        d.path(),
+        "1,2",
+        &["model-00002-of-00003.safetensors", "missing"],
+    );
 }
 
 #[test]
@@ -114,14 +119,22 @@ fn missing_tensor() {
         "model.layers.2.self_attn.q_proj.weight",
         "model.layers.2.self_attn.q_prox.weight",
     );
-    expect_failure(d.path(), "1,2", &["model.layers.2.self_attn.q_proj.weight", "not found"]);
+    expect_failure(
+        d.path(),
+        "1,2",
+        &["model.layers.2.self_attn.q_proj.weight", "not found"],
+    );
 }
 
 #[test]
 fn tensor_of_wrong_shape_for_the_config() {
     let d = copy_fixture(FIX);
     edit_config(d.path(), |v| v["moe_intermediate_size"] = 31.into());
-    expect_failure(d.path(), "1,2", &["experts.0.gate_proj.weight", "[31, 64]", "[32, 64]"]);
+    expect_failure(
+        d.path(),
+        "1,2",
+        &["experts.0.gate_proj.weight", "[31, 64]", "[32, 64]"],
+    );
 }
 
 #[test]
@@ -154,7 +167,11 @@ fn tensor_whose_dtype_disagrees_with_its_size() {
 
 #[test]
 fn token_outside_the_vocabulary() {
-    expect_failure(&fixture(FIX), "1,2,512", &["token id 512", "vocabulary of 512"]);
+    expect_failure(
+        &fixture(FIX),
+        "1,2,512",
+        &["token id 512", "vocabulary of 512"],
+    );
 }
 
 #[test]
@@ -167,7 +184,9 @@ fn unsupported_model_type() {
 #[test]
 fn unsupported_rope_type() {
     let d = copy_fixture(FIX);
-    edit_config(d.path(), |v| v["rope_parameters"]["rope_type"] = "yarn".into());
+    edit_config(d.path(), |v| {
+        v["rope_parameters"]["rope_type"] = "yarn".into()
+    });
     expect_failure(d.path(), "1,2", &["config.json", "yarn"]);
 }
 
@@ -196,7 +215,10 @@ fn generate_with_a_missing_tokenizer() {
 #[test]
 fn logits_cli_writes_what_the_library_computes() {
     let r = common::reference(FIX);
-    let tokens: Vec<String> = common::ids(&r["tokens"]).iter().map(u32::to_string).collect();
+    let tokens: Vec<String> = common::ids(&r["tokens"])
+        .iter()
+        .map(u32::to_string)
+        .collect();
     let out = tempfile::NamedTempFile::new().unwrap();
     let (ok, _, err) = run(&[
         "logits",
@@ -209,11 +231,14 @@ fn logits_cli_writes_what_the_library_computes() {
     ]);
     assert!(ok, "{err}");
     let (shape, got) = moeshard_engine::npy::read_f32(out.path()).unwrap();
-    let (_, want) = moeshard_engine::npy::read_f32(&fixture(FIX).join("reference/logits.npy"))
-        .unwrap();
+    let (_, want) =
+        moeshard_engine::npy::read_f32(&fixture(FIX).join("reference/logits.npy")).unwrap();
     assert_eq!(shape, vec![tokens.len(), 512]);
     let max_ref = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let err = got.iter().zip(&want).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
     assert!(err / max_ref <= 1e-4);
 }
 

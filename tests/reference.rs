@@ -1,4 +1,5 @@
 //! Every fixture against the Hugging Face `transformers` reference it was made with.
+#![allow(clippy::unwrap_used)] // a test fails loudly on any unexpected error
 
 mod common;
 
@@ -33,7 +34,11 @@ fn logits_match_the_reference() {
         eprintln!("{name}: max relative logit error {rel:.3e}");
         assert!(rel <= 1e-4, "{name}: relative error {rel:e} > 1e-4");
         for (pos, (g, w)) in got.chunks(vocab).zip(want.chunks(vocab)).enumerate() {
-            assert_eq!(argmax(g), argmax(w), "{name}: argmax differs at position {pos}");
+            assert_eq!(
+                argmax(g),
+                argmax(w),
+                "{name}: argmax differs at position {pos}"
+            );
         }
     }
 }
@@ -105,8 +110,18 @@ fn batched_sequences_equal_sequences_alone() {
         },
     ];
     let out = model.forward(&mut steps, &experts).unwrap();
-    assert!(out[0].iter().zip(&alone_a).all(|(x, y)| x.to_bits() == y.to_bits()));
-    assert!(out[1].iter().zip(&alone_b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    assert!(
+        out[0]
+            .iter()
+            .zip(&alone_a)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
+    assert!(
+        out[1]
+            .iter()
+            .zip(&alone_b)
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    );
 }
 
 #[test]
@@ -129,7 +144,11 @@ fn tokenizer_and_chat_template_match_transformers() {
                 serde_json::from_value(chat["messages"].clone()).unwrap();
             let add = chat["add_generation_prompt"].as_bool().unwrap();
             let rendered = tok.apply_chat_template(&messages, add).unwrap();
-            assert_eq!(rendered, chat["rendered"].as_str().unwrap(), "{name}: template");
+            assert_eq!(
+                rendered,
+                chat["rendered"].as_str().unwrap(),
+                "{name}: template"
+            );
             if chat.get("rendered_ids").is_some() {
                 assert_eq!(
                     tok.encode(&rendered, false).unwrap(),

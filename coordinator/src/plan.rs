@@ -155,7 +155,11 @@ impl ModelShape {
             .u("num_experts")
             .or_else(|| j.u("num_local_experts"))
             .or_else(|| j.u("n_routed_experts"))
-            .ok_or_else(|| PlanError::Config("no expert count (num_experts, num_local_experts or n_routed_experts)".into()))?;
+            .ok_or_else(|| {
+                PlanError::Config(
+                    "no expert count (num_experts, num_local_experts or n_routed_experts)".into(),
+                )
+            })?;
         let top_k = j
             .u("num_experts_per_tok")
             .or_else(|| j.u("experts_per_token"))
@@ -188,12 +192,18 @@ impl ModelShape {
                 let only: Vec<usize> = v
                     .get("mlp_only_layers")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_u64).map(|x| x as usize).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_u64)
+                            .map(|x| x as usize)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let shared = j.u("shared_expert_intermediate_size").unwrap_or(0);
                 for l in 0..layers as usize {
                     dense += std_attn + 2 * h;
-                    let moe = model_type == "mixtral" || (!only.contains(&l) && (l + 1) % step == 0);
+                    let moe =
+                        model_type == "mixtral" || (!only.contains(&l) && (l + 1) % step == 0);
                     if moe {
                         s.moe_layers.push(l);
                         dense += experts * h;
@@ -239,7 +249,12 @@ impl ModelShape {
                 let types: Vec<String> = v
                     .get("layer_types")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 s.expert_params = 3 * h * moe_inter + 2 * moe_inter + h;
                 let attn = std_attn + nh * hd * 2 + nkv * hd * 2 + h + nh; // biases, sinks
@@ -262,7 +277,12 @@ impl ModelShape {
                 let types: Vec<String> = v
                     .get("layer_types")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_string)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let interval = j.u("full_attention_interval").unwrap_or(4).max(1) as usize;
                 let nk = j.req("linear_num_key_heads")?;
@@ -272,7 +292,13 @@ impl ModelShape {
                 let kernel = j.u("linear_conv_kernel_dim").unwrap_or(4);
                 let shared = j.u("shared_expert_intermediate_size").unwrap_or(0);
                 let conv_dim = 2 * nk * dk + nv * dv;
-                let linear = h * conv_dim + h * nv * dv + 2 * h * nv + conv_dim * kernel + 2 * nv + dv + nv * dv * h;
+                let linear = h * conv_dim
+                    + h * nv * dv
+                    + 2 * h * nv
+                    + conv_dim * kernel
+                    + 2 * nv
+                    + dv
+                    + nv * dv * h;
                 let gated_attn = h * nh * hd * 2 + 2 * h * nkv * hd + nh * hd * h + 2 * hd;
                 let mut full = 0;
                 for l in 0..layers as usize {
@@ -317,10 +343,7 @@ impl ModelShape {
 
     /// KV-cache and state bytes of one sequence at `context` tokens (f32 cache).
     pub fn cache_bytes(&self, context: u64) -> u64 {
-        let window = self
-            .window_kv
-            .map(|(e, w)| e * context.min(w))
-            .unwrap_or(0);
+        let window = self.window_kv.map(|(e, w)| e * context.min(w)).unwrap_or(0);
         4 * (self.kv_elems_per_token * context + window + self.state_elems_per_seq)
     }
 }
@@ -550,8 +573,8 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
     let n_moe = model.moe_layers.len().max(1) as f64;
     let c = req.concurrency.max(1) as f64;
     // Distinct experts a layer touches in one step.
-    let distinct = model.experts as f64
-        * (1.0 - (1.0 - model.top_k as f64 / model.experts as f64).powf(c));
+    let distinct =
+        model.experts as f64 * (1.0 - (1.0 - model.top_k as f64 / model.experts as f64).powf(c));
     let mut nodes = Vec::new();
     let mut worst_layer_s = 0f64;
     let mut any_remote = false;
@@ -592,7 +615,8 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
     let link = &cluster.link;
     let network_per_layer = if any_remote {
         let tokens_to_worker = (c * (1.0 - (1.0 - remote_share).powf(model.top_k as f64))).max(1.0);
-        let bytes = tokens_to_worker * model.hidden as f64 * 4.0 * 2.0 + c * model.top_k as f64 * 12.0;
+        let bytes =
+            tokens_to_worker * model.hidden as f64 * 4.0 * 2.0 + c * model.top_k as f64 * 12.0;
         (link.rtt_us + link.overhead_us) * 1e-6 + bytes * 8.0 / (link.bandwidth_gbps * 1e9)
     } else {
         0.0
@@ -609,8 +633,8 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
     // Prefill: flops over the coordinator (dense) and the hosts (experts, in parallel per layer),
     // plus the per-layer network cost of each 256-token chunk.
     let p = req.prefill_tokens.max(1) as f64;
-    let dense_flops = 2.0 * p * model.dense_active_params as f64
-        + model.attn_flops_per_ctx as f64 * p * p / 2.0;
+    let dense_flops =
+        2.0 * p * model.dense_active_params as f64 + model.attn_flops_per_ctx as f64 * p * p / 2.0;
     let t_dense = dense_flops / (coord.gflops_per_core * coord.cores as f64 * 1e9);
     let mut t_exp_layer = 0f64;
     for (i, n) in cluster.nodes.iter().enumerate() {
@@ -632,9 +656,9 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
     let shortfall = if fits {
         0
     } else {
-        total_expert_bytes.saturating_sub(offered).max(
-            (need_total as f64 - usable.iter().sum::<f64>()).max(0.0) as u64,
-        )
+        total_expert_bytes
+            .saturating_sub(offered)
+            .max((need_total as f64 - usable.iter().sum::<f64>()).max(0.0) as u64)
     };
     let mut advice = Vec::new();
     if !fits {
@@ -796,8 +820,16 @@ mod tests {
     fn benchmark_model_counts_match_the_issue() {
         let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
         // 1.34B weights, 248M active per token (the benchmark model's published figures).
-        assert!((m.total_params() as f64 / 1e9 - 1.339).abs() < 0.01, "{}", m.total_params());
-        assert!((m.active_params() as f64 / 1e6 - 248.0).abs() < 2.0, "{}", m.active_params());
+        assert!(
+            (m.total_params() as f64 / 1e9 - 1.339).abs() < 0.01,
+            "{}",
+            m.total_params()
+        );
+        assert!(
+            (m.active_params() as f64 / 1e6 - 248.0).abs() < 2.0,
+            "{}",
+            m.active_params()
+        );
         assert_eq!(m.kv_elems_per_token, 12 * 2 * 4 * 128);
     }
 
@@ -817,8 +849,14 @@ mod tests {
             let m = ModelShape::from_config_json(&text).unwrap();
             let t = m.total_params() as f64 / 1e9;
             let a = m.active_params() as f64 / 1e9;
-            assert!((t / total - 1.0).abs() < 0.04, "{f}: total {t:.1}B vs {total}B");
-            assert!((a / active - 1.0).abs() < 0.15, "{f}: active {a:.2}B vs {active}B");
+            assert!(
+                (t / total - 1.0).abs() < 0.04,
+                "{f}: total {t:.1}B vs {total}B"
+            );
+            assert!(
+                (a / active - 1.0).abs() < 0.15,
+                "{f}: active {a:.2}B vs {active}B"
+            );
         }
     }
 
@@ -829,9 +867,16 @@ mod tests {
         assert!(single.fits);
         assert_eq!(single.nodes[0].experts, 12 * 64);
         assert_eq!(single.decode.network_s, 0.0);
-        let three = plan(&m, &cluster(&[(4.0, 60.0), (8.0, 60.0), (8.0, 60.0)], 100.0), req(Quant::Bf16));
+        let three = plan(
+            &m,
+            &cluster(&[(4.0, 60.0), (8.0, 60.0), (8.0, 60.0)], 100.0),
+            req(Quant::Bf16),
+        );
         assert!(three.fits);
-        assert_eq!(three.nodes.iter().map(|n| n.experts).sum::<usize>(), 12 * 64);
+        assert_eq!(
+            three.nodes.iter().map(|n| n.experts).sum::<usize>(),
+            12 * 64
+        );
         assert!(three.nodes[1].experts > three.nodes[0].experts);
         assert!(three.decode.network_s > 0.0);
         // Spreading experts shortens the expert time, the network adds to it.
@@ -841,10 +886,20 @@ mod tests {
     #[test]
     fn too_small_says_by_how_much_and_what_fixes_it() {
         let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
-        let p = plan(&m, &cluster(&[(2.0, 60.0), (1.5, 60.0)], 100.0), req(Quant::Bf16));
+        let p = plan(
+            &m,
+            &cluster(&[(2.0, 60.0), (1.5, 60.0)], 100.0),
+            req(Quant::Bf16),
+        );
         assert!(!p.fits);
         assert!(p.shortfall_bytes > 0);
-        assert!(p.advice.iter().any(|a| a.contains("Q8_0") || a.contains("Q4_K")), "{:?}", p.advice);
+        assert!(
+            p.advice
+                .iter()
+                .any(|a| a.contains("Q8_0") || a.contains("Q4_K")),
+            "{:?}",
+            p.advice
+        );
         assert!(render(&p).contains("DOES NOT FIT"));
     }
 
@@ -862,7 +917,9 @@ mod tests {
         // At long context the f32 KV cache is read every step and narrows the gap.
         let long_bf16 = plan(&m, &c, req(Quant::Bf16));
         let long_q4 = plan(&m, &c, req(Quant::Q4_K));
-        assert!(long_q4.decode_tok_s / long_bf16.decode_tok_s < q4.decode_tok_s / bf16.decode_tok_s);
+        assert!(
+            long_q4.decode_tok_s / long_bf16.decode_tok_s < q4.decode_tok_s / bf16.decode_tok_s
+        );
         let mut r = short(Quant::Bf16);
         r.concurrency = 8;
         let eight = plan(&m, &c, r);
@@ -894,7 +951,10 @@ mod tests {
         let c = ClusterSpec::from_toml(ok).unwrap();
         assert_eq!(c.coordinator(), 0);
         assert!(ClusterSpec::from_toml("[link]\nbandwidth_gbps = 1\nrtt_us = 1\n").is_err());
-        let typo = ok.replace("mem_bw_gbs = 100\n            cores = 10\n            coordinator", "mem_bw = 100\n            cores = 10\n            coordinator");
+        let typo = ok.replace(
+            "mem_bw_gbs = 100\n            cores = 10\n            coordinator",
+            "mem_bw = 100\n            cores = 10\n            coordinator",
+        );
         assert!(ClusterSpec::from_toml(&typo).is_err());
     }
 }

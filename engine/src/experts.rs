@@ -155,7 +155,7 @@ impl LocalExperts {
     /// Computes `rows` over `hidden` now; returns `rows.len() * hidden_size` values.
     pub fn compute(&self, layer: usize, hidden: &[f32], rows: &[ExpertRow]) -> Result<Vec<f32>> {
         let h = self.hidden_size;
-        if hidden.len() % h != 0 {
+        if !hidden.len().is_multiple_of(h) {
             return Err(EngineError::Experts {
                 layer,
                 host: "local".into(),

@@ -106,7 +106,7 @@ impl GgmlType {
     /// Bytes of a row of `n` elements, if `n` is a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         let (be, bb) = self.block();
-        (n % be == 0).then(|| n / be * bb)
+        n.is_multiple_of(be).then(|| n / be * bb)
     }
 }
 
@@ -305,15 +305,15 @@ impl<'a> Cursor<'a> {
     }
 }
 
-/// Parses a whole GGUF image (header, metadata, tensor directory) and checks every tensor's range.
-pub fn parse(
-    path: &Path,
-    bytes: &[u8],
-) -> Result<(
+/// What [`parse`] reads: the version, the metadata and the tensor directory.
+pub type Parsed = (
     u32,
     BTreeMap<String, Value>,
     BTreeMap<String, GgufTensorInfo>,
-)> {
+);
+
+/// Parses a whole GGUF image (header, metadata, tensor directory) and checks every tensor's range.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
     let mut c = Cursor {
         bytes,
         pos: 0,

@@ -47,6 +47,7 @@ pub struct SparseMoe {
 
 /// A layer's feed-forward block.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once: size does not matter here
 pub enum FeedForward {
     /// Dense SwiGLU.
     Dense(Mlp),

@@ -143,7 +143,7 @@ impl Tensor {
             shape,
             bytes: Bytes::Mapped { map, start, len },
         };
-        if t.bytes.as_slice().as_ptr() as usize % dtype.size() != 0 {
+        if !(t.bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.size()) {
             // Misaligned data in the file: copy once into aligned memory.
             return Ok(t.to_owned_copy());
         }
