@@ -76,6 +76,42 @@ pub(crate) struct ClusterArgs {
     /// Deadline of connecting to a worker, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    #[command(flatten)]
+    pub synthetic: SyntheticArgs,
+}
+
+/// Deterministic random weights of a config's exact shapes instead of a checkpoint's.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct SyntheticArgs {
+    /// Make the weights up (generated on use, never written): `--model` may then be a bare
+    /// config.json or a directory holding one.
+    #[arg(long)]
+    pub synthetic: bool,
+    /// With --synthetic: keep only the first K layers (planning runs of big models).
+    #[arg(long, requires = "synthetic")]
+    pub layers: Option<usize>,
+    /// With --synthetic: the seed the weights are made from.
+    #[arg(long, default_value_t = 0)]
+    pub synthetic_seed: u64,
+}
+
+impl SyntheticArgs {
+    /// The arguments that give a worker the same synthetic weights.
+    pub fn worker_args(&self) -> Vec<String> {
+        if !self.synthetic {
+            return Vec::new();
+        }
+        let mut v = vec![
+            "--synthetic".to_string(),
+            "--synthetic-seed".to_string(),
+            self.synthetic_seed.to_string(),
+        ];
+        if let Some(k) = self.layers {
+            v.push("--layers".into());
+            v.push(k.to_string());
+        }
+        v
+    }
 }
 
 #[derive(Args)]

@@ -33,6 +33,8 @@ pub(crate) struct WorkerArgs {
     /// Bytes of expert weights to offer (default: enough for every routed expert).
     #[arg(long)]
     capacity: Option<u64>,
+    #[command(flatten)]
+    synthetic: crate::cli::SyntheticArgs,
     /// Exit when stdin reaches end of file (for workers started by a coordinator, so they never
     /// outlive it).
     #[arg(long)]
@@ -46,8 +48,17 @@ fn transport(s: &str) -> Result<Transport> {
 /// `moeshard worker`: serves a checkpoint's experts until killed (or until stdin closes).
 pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
     let transport = transport(&a.transport)?;
-    let core = WorkerCore::open(&a.model, a.capacity)
-        .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
+    let core = if a.synthetic.synthetic {
+        WorkerCore::open_synthetic(
+            &a.model,
+            a.synthetic.layers,
+            a.synthetic.synthetic_seed,
+            a.capacity,
+        )
+    } else {
+        WorkerCore::open(&a.model, a.capacity)
+    }
+    .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
     if a.exit_with_parent {
         std::thread::spawn(|| {
             let mut stdin = std::io::stdin().lock();
@@ -124,8 +135,13 @@ pub(crate) struct Loaded {
 
 /// Loads the dense model and opens the expert backend the cluster options ask for.
 pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
-    let (model, ckpt) =
-        Model::load(dir).with_context(|| format!("loading the model in {}", dir.display()))?;
+    let syn = &args.synthetic;
+    let (model, ckpt) = if syn.synthetic {
+        Model::load_synthetic(dir, syn.layers, syn.synthetic_seed)
+    } else {
+        Model::load(dir)
+    }
+    .with_context(|| format!("loading the model in {}", dir.display()))?;
     if args.workers.is_empty() && args.local_workers == 0 {
         let experts = LocalExperts::load_all(&model.cfg, &ckpt)
             .with_context(|| format!("loading the experts in {}", dir.display()))?;
@@ -149,6 +165,7 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         let exe = std::env::current_exe().context("finding the moeshard binary")?;
         let mut cfg =
             LocalWorkersConfig::new(exe, dir.to_path_buf(), transport, args.local_workers);
+        cfg.extra_args = syn.worker_args();
         if !args.local_capacities.is_empty() {
             if args.local_capacities.len() != args.local_workers {
                 bail!(

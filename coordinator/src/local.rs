@@ -32,6 +32,8 @@ pub struct LocalWorkersConfig {
     pub startup_timeout: Duration,
     /// Send the workers' stderr (their logs) to /dev/null instead of this process's stderr.
     pub quiet: bool,
+    /// More arguments for every worker's command line (e.g. `--synthetic`).
+    pub extra_args: Vec<String>,
 }
 
 impl LocalWorkersConfig {
@@ -44,6 +46,7 @@ impl LocalWorkersConfig {
             capacities: vec![None; n],
             startup_timeout: Duration::from_secs(30),
             quiet: false,
+            extra_args: Vec::new(),
         }
     }
 }
@@ -75,6 +78,7 @@ impl LocalWorkers {
                     cfg.transport.name(),
                 ])
                 .arg("--exit-with-parent")
+                .args(&cfg.extra_args)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(if cfg.quiet {

@@ -57,10 +57,40 @@ impl WorkerCore {
     pub fn open(dir: &Path, capacity: Option<u64>) -> Result<Self> {
         let cfg = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(dir, cfg, ckpt, capacity)
+    }
+
+    /// Serves synthetic weights (see `moeshard_engine::synthetic`) of the config at `config`
+    /// (a `config.json` or a directory holding one), cut to `layers` layers if asked, made from
+    /// `seed`: the coordinator makes the same ones independently.
+    pub fn open_synthetic(
+        config: &Path,
+        layers: Option<usize>,
+        seed: u64,
+        capacity: Option<u64>,
+    ) -> Result<Self> {
+        let cfg = moeshard_engine::model::synthetic_config(config, layers)?;
+        let file = if config.is_dir() {
+            config.join("config.json")
+        } else {
+            config.to_path_buf()
+        };
+        let ckpt = Checkpoint::synthetic(&file, &cfg, moeshard_engine::tensor::DType::BF16, seed);
+        Self::from_checkpoint(config, cfg, ckpt, capacity)
+    }
+
+    fn from_checkpoint(
+        dir: &Path,
+        cfg: ModelConfig,
+        ckpt: Checkpoint,
+        capacity: Option<u64>,
+    ) -> Result<Self> {
         let fingerprint = model_fingerprint(dir, &ckpt)?;
         let mut files = BTreeSet::new();
         for name in ckpt.names() {
-            if let Some((path, _)) = ckpt.info(name) {
+            if let Some((path, _)) = ckpt.info(name)
+                && !ckpt.is_synthetic()
+            {
                 files.insert(path.to_path_buf());
             }
         }
@@ -125,6 +155,18 @@ impl WorkerCore {
             model_fingerprint: self.fingerprint.clone(),
             hidden_size: self.cfg.hidden_size as u32,
             num_experts: self.cfg.num_experts as u32,
+        }
+    }
+
+    /// [`Self::assign`] off the async runtime: mapping (or, for synthetic weights, making) the
+    /// experts can take seconds, and the runtime must keep answering keep-alives meanwhile.
+    pub async fn assign_blocking(self: &Arc<Self>, req: AssignRequest) -> Result<AssignResponse> {
+        let core = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || core.assign(&req)).await {
+            Ok(r) => r,
+            Err(e) => Err(WorkerError::BadRequest {
+                msg: format!("the assignment task failed: {e}"),
+            }),
         }
     }
 

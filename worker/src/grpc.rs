@@ -34,7 +34,8 @@ impl ExpertWorker for GrpcWorker {
         req: Request<AssignRequest>,
     ) -> Result<Response<AssignResponse>, Status> {
         self.0
-            .assign(req.get_ref())
+            .assign_blocking(req.into_inner())
+            .await
             .map(Response::new)
             .map_err(status)
     }

@@ -90,10 +90,10 @@ fn reply(msg: Msg) -> Envelope {
     Envelope { msg: Some(msg) }
 }
 
-async fn handle(core: &WorkerCore, req: Envelope) -> Envelope {
+async fn handle(core: &Arc<WorkerCore>, req: Envelope) -> Envelope {
     match req.msg {
         Some(Msg::HelloRequest(r)) => reply(Msg::HelloResponse(core.hello(&r))),
-        Some(Msg::AssignRequest(r)) => match core.assign(&r) {
+        Some(Msg::AssignRequest(r)) => match core.assign_blocking(r).await {
             Ok(a) => reply(Msg::AssignResponse(a)),
             Err(e) => error_reply(&e),
         },
