@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use moeshard_coordinator::serve::{
     ClusterSnapshot, ClusterView, HostStatus, ServeConfig, SingleProcess, serve,
 };
@@ -53,20 +53,21 @@ pub(crate) struct ServeArgs {
 
 /// Progress of the start-up: a bar on a terminal, log lines otherwise.
 struct Progress {
-    bar: Option<ProgressBar>,
+    bar: Option<(MultiProgress, ProgressBar)>,
     started: Instant,
 }
 
 impl Progress {
     fn new(steps: u64) -> Self {
         let bar = std::io::stderr().is_terminal().then(|| {
-            let b = ProgressBar::new(steps);
+            let multi = MultiProgress::new();
+            let b = multi.add(ProgressBar::new(steps));
             b.set_style(
                 ProgressStyle::with_template("{spinner} [{elapsed}] {bar:30} {pos}/{len} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             b.enable_steady_tick(Duration::from_millis(120));
-            b
+            (multi, b)
         });
         Progress {
             bar,
@@ -76,13 +77,13 @@ impl Progress {
 
     fn stage(&self, msg: &str) {
         match &self.bar {
-            Some(b) => b.set_message(msg.to_string()),
+            Some((_, b)) => b.set_message(msg.to_string()),
             None => tracing::info!(elapsed_s = self.started.elapsed().as_secs_f64(), "{msg}"),
         }
     }
 
     fn done_step(&self) {
-        if let Some(b) = &self.bar {
+        if let Some((_, b)) = &self.bar {
             b.inc(1);
         }
     }
@@ -95,8 +96,8 @@ impl Progress {
             .filter_map(|f| std::fs::metadata(f).ok())
             .map(|m| m.len())
             .sum();
-        let bytes_bar = self.bar.as_ref().map(|_| {
-            let b = ProgressBar::new(total);
+        let bytes_bar = self.bar.as_ref().map(|(multi, _)| {
+            let b = multi.add(ProgressBar::new(total));
             b.set_style(
                 ProgressStyle::with_template(
                     "  reading weights {bar:30} {bytes}/{total_bytes} ({bytes_per_sec}, {eta})",
@@ -131,7 +132,7 @@ impl Progress {
     }
 
     fn finish(&self) {
-        if let Some(b) = &self.bar {
+        if let Some((_, b)) = &self.bar {
             b.finish_and_clear();
         }
         tracing::info!(

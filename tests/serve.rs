@@ -225,15 +225,19 @@ fn error_answers() {
 
 /// Starts a streamed request and reads its first event; the returned stream keeps it open.
 fn open_stream(s: &Server, body: &Value) -> client::Events {
-    let r = client::post_json(&s.addr, "/v1/completions", &[], body, TIMEOUT).unwrap();
+    let r =
+        client::post_json(&s.addr, "/v1/completions", &[], body, TIMEOUT).expect("request step");
     assert_eq!(r.status, 200);
     assert!(
         r.header("content-type")
             .is_some_and(|c| c.starts_with("text/event-stream"))
     );
     let mut ev = r.events();
-    let first = ev.next_data().unwrap().expect("a first chunk");
-    let v: Value = serde_json::from_str(&first).unwrap();
+    let first = ev
+        .next_data()
+        .expect("request step")
+        .expect("a first chunk");
+    let v: Value = serde_json::from_str(&first).expect("request step");
     assert_eq!(v["object"], "text_completion");
     ev
 }
@@ -316,12 +320,17 @@ fn greedy(addr: &str, prompt: &str) -> (String, u64) {
         "temperature": 0,
         "ignore_eos": true,
     });
-    let r = client::post_json(addr, "/v1/completions", &[], &body, TIMEOUT).unwrap();
+    let r = client::post_json(addr, "/v1/completions", &[], &body, TIMEOUT).expect("request step");
     assert_eq!(r.status, 200);
-    let v = r.json().unwrap();
+    let v = r.json().expect("request step");
     (
-        v["choices"][0]["text"].as_str().unwrap().to_string(),
-        v["usage"]["completion_tokens"].as_u64().unwrap(),
+        v["choices"][0]["text"]
+            .as_str()
+            .expect("request step")
+            .to_string(),
+        v["usage"]["completion_tokens"]
+            .as_u64()
+            .expect("request step"),
     )
 }
 
@@ -403,7 +412,7 @@ fn streams_follow_the_openai_format() {
     let usage = &parsed[parsed.len() - 1];
     assert_eq!(usage["choices"], json!([]));
     let n = usage["usage"]["completion_tokens"].as_u64().unwrap();
-    assert!(n >= 1 && n <= 6);
+    assert!((1..=6).contains(&n));
     let last = &parsed[parsed.len() - 2];
     assert!(["stop", "length"].contains(&last["choices"][0]["finish_reason"].as_str().unwrap()));
     for c in &parsed[..parsed.len() - 2] {
@@ -448,4 +457,66 @@ fn the_official_openai_python_client_works() {
     );
     eprintln!("{stdout}");
     assert!(stdout.contains("checks passed"));
+}
+
+/// Child process ids of `pid` (Linux).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_dead_worker_fails_requests_but_not_the_server() {
+    let s = Server::start(&["--local-workers", "1", "--rpc-timeout", "3"]);
+    let (st, _) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 3}),
+        None,
+    );
+    assert_eq!(st, 200, "served through the worker");
+    let workers = children(s.child.id());
+    assert!(!workers.is_empty(), "the local worker process is a child");
+    for w in &workers {
+        let _ = Command::new("kill").arg("-9").arg(w.to_string()).status();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    // Non-streamed: a 5xx with an OpenAI error body.
+    let (st, b) = s.post(
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 3}),
+        None,
+    );
+    assert_error(st, &b, 500, None);
+    assert_eq!(b["error"]["code"], "generation_failed");
+    // Streamed: an error event ends the stream.
+    let r = client::post_json(
+        &s.addr,
+        "/v1/completions",
+        &[],
+        &json!({"prompt": "hi", "max_tokens": 3, "stream": true}),
+        TIMEOUT,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200);
+    let mut ev = r.events();
+    let mut last = None;
+    while let Some(d) = ev.next_data().unwrap() {
+        last = Some(d);
+    }
+    let last: Value = serde_json::from_str(&last.expect("an event")).unwrap();
+    assert!(last["error"]["message"].is_string(), "{last}");
+    // The server is still up and answering.
+    assert_eq!(
+        client::get(&s.addr, "/health", TIMEOUT).unwrap().status,
+        200
+    );
+    assert!(s.metric("moeshard_forward_step_failures_total") >= 2.0);
+    assert_eq!(s.metric("moeshard_running_sequences"), 0.0);
 }
