@@ -49,6 +49,10 @@ pub(crate) struct ServeArgs {
     /// Do not read the weight files into the page cache before serving (single-process only).
     #[arg(long)]
     no_preload: bool,
+    /// Directory holding tokenizer.json and tokenizer_config.json (default: the model directory,
+    /// or the folder of a bare config.json given with --synthetic).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 /// Progress of the start-up: a bar on a terminal, log lines otherwise.
@@ -192,7 +196,15 @@ impl ClusterView for Workers {
 pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     let dir = &a.model.model;
     let single = a.cluster.workers.is_empty() && a.cluster.local_workers == 0;
-    let preload = single && !a.no_preload;
+    let synthetic = a.cluster.synthetic.synthetic;
+    let preload = single && !synthetic && !a.no_preload;
+    // With --synthetic, --model may name a bare config.json.
+    let model_dir = if dir.is_file() {
+        dir.parent().unwrap_or(Path::new("."))
+    } else {
+        dir.as_path()
+    };
+    let tokenizer_dir = a.tokenizer.as_deref().unwrap_or(model_dir);
     let progress = Progress::new(if preload { 3 } else { 2 });
     if preload {
         progress.stage("reading the weights");
@@ -207,8 +219,12 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     let loaded = crate::cli::load(dir, &a.cluster)?;
     progress.done_step();
     progress.stage("loading the tokenizer");
-    let tokenizer = Tokenizer::from_dir(dir)
-        .with_context(|| format!("loading the tokenizer in {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_dir(tokenizer_dir).with_context(|| {
+        format!(
+            "loading the tokenizer in {} (--tokenizer DIR names another)",
+            tokenizer_dir.display()
+        )
+    })?;
     progress.done_step();
     progress.finish();
 
@@ -228,12 +244,13 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
         }
     };
     let served_model_name = a.served_model_name.clone().unwrap_or_else(|| {
-        dir.canonicalize()
-            .ok()
-            .as_deref()
-            .unwrap_or(dir)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
+        let path = dir.canonicalize().unwrap_or_else(|_| dir.clone());
+        let name = if path.is_file() {
+            path.file_stem()
+        } else {
+            path.file_name()
+        };
+        name.map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "moeshard".into())
     });
     let cfg = ServeConfig {
