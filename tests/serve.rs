@@ -290,8 +290,10 @@ fn queue_full_is_a_429() {
 fn a_disconnected_stream_frees_its_sequence() {
     let s = Server::start(&[]);
     let ev = open_stream(&s, &long_stream());
-    assert_eq!(s.metric("moeshard_running_sequences"), 1.0);
-    assert!(s.metric("moeshard_kv_cache_bytes") > 0.0);
+    // The gauges are set after each step: wait for one that holds the sequence.
+    s.wait_for("the sequence to run", |s| {
+        s.metric("moeshard_running_sequences") == 1.0 && s.metric("moeshard_kv_cache_bytes") > 0.0
+    });
     let dropped = Instant::now();
     drop(ev);
     s.wait_for("the sequence to be freed", |s| {
