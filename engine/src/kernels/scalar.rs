@@ -13,9 +13,9 @@ pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 #[inline]
 fn dot_by(n: usize, w: impl Fn(usize) -> f32, x: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
-    for k in 0..n {
+    for (k, xk) in x[..n].iter().enumerate() {
         let l = k % LANES;
-        acc[l] = w(k).mul_add(x[k], acc[l]);
+        acc[l] = w(k).mul_add(*xk, acc[l]);
     }
     fold_lanes(&acc)
 }
@@ -42,7 +42,14 @@ pub fn matmul(w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n_tokens: usize, 
 }
 
 /// Scalar micro-kernel for the blocked driver: `res[r * tn + t] = dot(w[r], x[t])`.
-pub(super) fn tile<W: Elem>(w: &[W], cols: usize, x: &[f32], rn: usize, tn: usize, res: &mut [f32]) {
+pub(super) fn tile<W: Elem>(
+    w: &[W],
+    cols: usize,
+    x: &[f32],
+    rn: usize,
+    tn: usize,
+    res: &mut [f32],
+) {
     for r in 0..rn {
         let wr = &w[r * cols..(r + 1) * cols];
         for t in 0..tn {

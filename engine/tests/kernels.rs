@@ -1,0 +1,432 @@
+//! Every kernel path available on this CPU against the scalar reference, bit for bit.
+
+use half::{bf16, f16};
+use moeshard_engine::Mat;
+use moeshard_engine::kernels::{self, Path, scalar};
+use proptest::prelude::*;
+
+/// xorshift32: deterministic test data without extra dependencies.
+struct Rng(u32);
+
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng((seed as u32 ^ (seed >> 32) as u32).wrapping_mul(2_654_435_761) | 1)
+    }
+    fn next(&mut self) -> u32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 17;
+        self.0 ^= self.0 << 5;
+        self.0
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        self.next() as usize % n
+    }
+    fn vec(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.unit()).collect()
+    }
+}
+
+/// The same weights in the three stored dtypes.
+struct Weights {
+    f32: Vec<f32>,
+    f16: Vec<f16>,
+    bf16: Vec<bf16>,
+}
+
+impl Weights {
+    fn new(v: Vec<f32>) -> Self {
+        Weights {
+            f16: v.iter().map(|&x| f16::from_f32(x)).collect(),
+            bf16: v.iter().map(|&x| bf16::from_f32(x)).collect(),
+            f32: v,
+        }
+    }
+    fn mats(&self) -> [Mat<'_>; 3] {
+        [
+            Mat::F32(&self.f32),
+            Mat::F16(&self.f16),
+            Mat::BF16(&self.bf16),
+        ]
+    }
+}
+
+fn dtype(m: &Mat<'_>) -> &'static str {
+    match m {
+        Mat::F32(_) => "f32",
+        Mat::F16(_) => "f16",
+        Mat::BF16(_) => "bf16",
+    }
+}
+
+fn all_paths() -> Vec<Path> {
+    kernels::available_paths()
+}
+
+fn reference(w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    scalar::matmul(w, rows, cols, x, n, &mut out);
+    out
+}
+
+fn run(path: Path, w: Mat<'_>, rows: usize, cols: usize, x: &[f32], n: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; rows * n];
+    kernels::matmul_with(path, w, rows, cols, x, n, &mut out);
+    out
+}
+
+#[track_caller]
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+            "{what}: element {i}: got {g:e} ({:#010x}), want {w:e} ({:#010x})",
+            g.to_bits(),
+            w.to_bits()
+        );
+    }
+}
+
+#[test]
+fn this_machine_has_all_paths() {
+    let paths = all_paths();
+    assert_eq!(paths[0], Path::Scalar);
+    assert!(paths.contains(&kernels::best_path()));
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        assert!(paths.contains(&Path::Avx2) && paths.contains(&Path::Avx512));
+    }
+    eprintln!("kernel paths: {paths:?}, best {:?}", kernels::best_path());
+}
+
+#[test]
+fn matmul_matches_reference_on_every_path() {
+    let mut rng = Rng::new(1);
+    let mut col_choices: Vec<usize> = (1..=40).collect();
+    col_choices.extend([47, 48, 63, 64, 65, 100, 127, 128, 129, 255, 256, 257, 1000]);
+    for case in 0..120 {
+        let rows = 1 + rng.below(23);
+        let cols = col_choices[rng.below(col_choices.len())];
+        let n_tokens = 1 + case % 9;
+        let w = Weights::new(rng.vec(rows * cols));
+        let x = rng.vec(n_tokens * cols);
+        for mat in w.mats() {
+            let want = reference(mat, rows, cols, &x, n_tokens);
+            for &path in &all_paths() {
+                let got = run(path, mat, rows, cols, &x, n_tokens);
+                let what = format!(
+                    "{path:?} {} rows={rows} cols={cols} n={n_tokens}",
+                    dtype(&mat)
+                );
+                assert_bits(&got, &want, &what);
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_rows_equal_single_rows() {
+    let mut rng = Rng::new(2);
+    for &(rows, cols) in &[(7, 33), (16, 64), (9, 100), (37, 250)] {
+        let w = Weights::new(rng.vec(rows * cols));
+        for n_tokens in 1..=9 {
+            let x = rng.vec(n_tokens * cols);
+            for mat in w.mats() {
+                for &path in &all_paths() {
+                    let batch = run(path, mat, rows, cols, &x, n_tokens);
+                    for t in 0..n_tokens {
+                        let single = run(path, mat, rows, cols, &x[t * cols..(t + 1) * cols], 1);
+                        let what =
+                            format!("{path:?} {} {rows}x{cols} n={n_tokens} t={t}", dtype(&mat));
+                        assert_bits(&batch[t * rows..(t + 1) * rows], &single, &what);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Long rows and more tokens than one tile: the kernels block along k and spill lane sums.
+#[test]
+fn k_blocked_matmul_matches_reference() {
+    let mut rng = Rng::new(9);
+    for &(rows, cols, n_tokens) in &[(5, 1040, 7), (9, 1100, 13), (3, 2049, 8), (6, 3000, 4)] {
+        let w = Weights::new(rng.vec(rows * cols));
+        let x = rng.vec(n_tokens * cols);
+        for mat in w.mats() {
+            let want = reference(mat, rows, cols, &x, n_tokens);
+            for &path in &all_paths() {
+                let got = run(path, mat, rows, cols, &x, n_tokens);
+                let what = format!("{path:?} {} {rows}x{cols} n={n_tokens}", dtype(&mat));
+                assert_bits(&got, &want, &what);
+                let single = run(path, mat, rows, cols, &x[cols..2 * cols], 1);
+                assert_bits(&got[rows..2 * rows], &single, &format!("{what} single"));
+            }
+        }
+    }
+}
+
+/// Large enough to run in parallel; the result must not depend on the thread count.
+#[test]
+fn parallel_split_does_not_change_bits() {
+    let mut rng = Rng::new(3);
+    let (rows, cols) = (301, 517);
+    let w = Weights::new(rng.vec(rows * cols));
+    for n_tokens in [1, 5, 13] {
+        let x = rng.vec(n_tokens * cols);
+        for mat in w.mats() {
+            let want = reference(mat, rows, cols, &x, n_tokens);
+            for &path in &all_paths() {
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .expect("thread pool");
+                    let got = pool.install(|| run(path, mat, rows, cols, &x, n_tokens));
+                    let what = format!("{path:?} {} n={n_tokens} threads={threads}", dtype(&mat));
+                    assert_bits(&got, &want, &what);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn default_entry_points_match_reference() {
+    let mut rng = Rng::new(4);
+    let (rows, cols, n) = (67, 301, 4);
+    let w = Weights::new(rng.vec(rows * cols));
+    let x = rng.vec(n * cols);
+    for mat in w.mats() {
+        let mut got = vec![0f32; rows * n];
+        kernels::matmul(mat, rows, cols, &x, n, &mut got);
+        assert_bits(&got, &reference(mat, rows, cols, &x, n), "matmul");
+    }
+    let a = rng.vec(cols);
+    assert_eq!(
+        kernels::dot(&a, &x[..cols]).to_bits(),
+        scalar::dot_f32(&a, &x[..cols]).to_bits()
+    );
+}
+
+#[test]
+fn empty_shapes() {
+    for &path in &all_paths() {
+        let mut out = vec![7f32; 3];
+        kernels::matmul_with(path, Mat::F32(&[]), 3, 0, &[], 1, &mut out);
+        assert_eq!(out, [0.0; 3]);
+        let mut none: [f32; 0] = [];
+        kernels::matmul_with(path, Mat::F32(&[]), 0, 5, &[0.0; 10], 2, &mut none);
+        kernels::matmul_with(path, Mat::F32(&[1.0; 10]), 2, 5, &[], 0, &mut none);
+        assert_eq!(kernels::dot_with(path, &[], &[]).to_bits(), 0);
+    }
+}
+
+/// Zeros of both signs, subnormals, huge values (overflow to infinity) and infinities.
+#[test]
+fn special_values_match_reference() {
+    let mut rng = Rng::new(5);
+    let specials = [
+        0.0,
+        -0.0,
+        1e-40,
+        -1e-40,
+        f32::MIN_POSITIVE,
+        1e-30,
+        -1e-30,
+        3e38,
+        -3e38,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.0,
+        -1.0,
+    ];
+    for case in 0..200 {
+        let rows = 1 + rng.below(9);
+        let cols = 1 + rng.below(70);
+        let n = 1 + rng.below(5);
+        let pick = |rng: &mut Rng| {
+            if case % 3 == 0 || rng.below(4) == 0 {
+                specials[rng.below(specials.len())]
+            } else {
+                rng.unit() * 1e-20
+            }
+        };
+        let w = Weights::new((0..rows * cols).map(|_| pick(&mut rng)).collect());
+        let x: Vec<f32> = (0..n * cols).map(|_| pick(&mut rng)).collect();
+        for mat in w.mats() {
+            let want = reference(mat, rows, cols, &x, n);
+            for &path in &all_paths() {
+                let got = run(path, mat, rows, cols, &x, n);
+                assert_bits(
+                    &got,
+                    &want,
+                    &format!("{path:?} {} case {case}", dtype(&mat)),
+                );
+            }
+        }
+    }
+}
+
+/// Products that round to -0 leave their lanes at -0; lanes without columns stay +0, so the result
+/// is -0 exactly when all 16 lanes saw a column. Every path must get the sign right.
+#[test]
+fn negative_zero_survives() {
+    for cols in [1, 15, 16, 17, 40] {
+        let w = vec![-1e-30f32; cols];
+        let x = vec![1e-30f32; cols];
+        let want = if cols >= 16 { -0f32 } else { 0f32 };
+        assert_eq!(scalar::dot_f32(&w, &x).to_bits(), want.to_bits());
+        for &path in &all_paths() {
+            let mut out = [1f32];
+            kernels::matmul_with(path, Mat::F32(&w), 1, cols, &x, 1, &mut out);
+            assert_eq!(out[0].to_bits(), want.to_bits(), "{path:?} cols={cols}");
+            assert_eq!(kernels::dot_with(path, &w, &x).to_bits(), want.to_bits());
+        }
+    }
+}
+
+#[test]
+fn dot_matches_reference() {
+    let mut rng = Rng::new(6);
+    for n in (0..300).chain([1000, 4096, 4097]) {
+        let a = rng.vec(n);
+        let b = rng.vec(n);
+        let want = scalar::dot_f32(&a, &b);
+        for &path in &all_paths() {
+            assert_eq!(
+                kernels::dot_with(path, &a, &b).to_bits(),
+                want.to_bits(),
+                "{path:?} n={n}"
+            );
+        }
+    }
+}
+
+#[test]
+fn axpy_matches_reference() {
+    let mut rng = Rng::new(7);
+    for n in (0..70).chain([1000, 1001]) {
+        let x = rng.vec(n);
+        let y0 = rng.vec(n);
+        let a = rng.unit() * 3.0;
+        let mut want = y0.clone();
+        for (y, x) in want.iter_mut().zip(&x) {
+            *y = a.mul_add(*x, *y);
+        }
+        for &path in &all_paths() {
+            let mut y = y0.clone();
+            kernels::axpy_with(path, a, &x, &mut y);
+            assert_bits(&y, &want, &format!("{path:?} n={n}"));
+        }
+        let mut y = y0.clone();
+        kernels::axpy(a, &x, &mut y);
+        assert_bits(&y, &want, "axpy");
+    }
+}
+
+#[test]
+fn silu_mul_is_the_same_everywhere() {
+    let mut rng = Rng::new(8);
+    for n in (0..70).chain([513, 4096]) {
+        let gate: Vec<f32> = (0..n).map(|_| rng.unit() * 30.0).collect();
+        let up = rng.vec(n);
+        let want: Vec<f32> = gate
+            .iter()
+            .zip(&up)
+            .map(|(g, u)| kernels::silu(*g) * u)
+            .collect();
+        for &path in &all_paths() {
+            let mut g = gate.clone();
+            kernels::silu_mul_with(path, &mut g, &up);
+            assert_bits(&g, &want, &format!("{path:?} n={n}"));
+        }
+        let mut g = gate.clone();
+        kernels::silu_mul(&mut g, &up);
+        assert_bits(&g, &want, "silu_mul");
+    }
+    // Extremes, including overflow of exp(-x).
+    let gate = vec![
+        -200.0, -88.0, -20.0, -1e-30, 0.0, -0.0, 1e-30, 20.0, 88.0, 200.0, 1e30,
+    ];
+    let up = vec![1.0; gate.len()];
+    let mut want = gate.clone();
+    scalar::silu_mul(&mut want, &up);
+    for &path in &all_paths() {
+        let mut g = gate.clone();
+        kernels::silu_mul_with(path, &mut g, &up);
+        assert_bits(&g, &want, &format!("{path:?} extremes"));
+    }
+    assert!(want.iter().all(|v| v.is_finite()));
+}
+
+/// Finite f32 values of any magnitude, with a bias towards awkward ones.
+fn any_finite() -> impl Strategy<Value = f32> {
+    prop_oneof![
+        4 => -1.0f32..1.0,
+        1 => any::<f32>().prop_filter("finite", |v| v.is_finite()),
+        1 => Just(0.0f32),
+        1 => Just(-0.0f32),
+        1 => -1e-38f32..1e-38,
+    ]
+}
+
+fn matrix_case() -> impl Strategy<Value = (usize, usize, usize, Vec<f32>, Vec<f32>)> {
+    (1usize..8, 1usize..80, 1usize..6).prop_flat_map(|(rows, cols, n)| {
+        (
+            Just(rows),
+            Just(cols),
+            Just(n),
+            prop::collection::vec(any_finite(), rows * cols),
+            prop::collection::vec(any_finite(), n * cols),
+        )
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Every path, every dtype, arbitrary finite data: the reference bits.
+    #[test]
+    fn prop_paths_agree((rows, cols, n, w, x) in matrix_case()) {
+        let w = Weights::new(w);
+        for mat in w.mats() {
+            let want = reference(mat, rows, cols, &x, n);
+            for &path in &all_paths() {
+                let got = run(path, mat, rows, cols, &x, n);
+                for (g, r) in got.iter().zip(&want) {
+                    prop_assert!(g.to_bits() == r.to_bits() || (g.is_nan() && r.is_nan()),
+                        "{path:?} {}: {g:e} vs {r:e}", dtype(&mat));
+                }
+            }
+        }
+    }
+
+    /// A matmul row is exactly the dot product of its weight row and token.
+    #[test]
+    fn prop_matmul_is_rowwise_dot((rows, cols, n, w, x) in matrix_case()) {
+        let got = run(kernels::best_path(), Mat::F32(&w), rows, cols, &x, n);
+        for t in 0..n {
+            for r in 0..rows {
+                let d = kernels::dot(&w[r * cols..(r + 1) * cols], &x[t * cols..(t + 1) * cols]);
+                let g = got[t * rows + r];
+                prop_assert!(g.to_bits() == d.to_bits() || (g.is_nan() && d.is_nan()));
+            }
+        }
+    }
+
+    /// The canonical dot product is exactly symmetric (a fused multiply-add commutes in its
+    /// product), and scaling by a power of two scales it exactly (barring overflow and underflow).
+    #[test]
+    fn prop_dot_symmetric_and_scales(v in prop::collection::vec((-1.0f32..1.0, -1.0f32..1.0), 0..200)) {
+        let (a, b): (Vec<f32>, Vec<f32>) = v.into_iter().unzip();
+        let d = kernels::dot(&a, &b);
+        prop_assert_eq!(d.to_bits(), kernels::dot(&b, &a).to_bits());
+        let a4: Vec<f32> = a.iter().map(|v| v * 4.0).collect();
+        prop_assert_eq!((d * 4.0).to_bits(), kernels::dot(&a4, &b).to_bits());
+    }
+}
