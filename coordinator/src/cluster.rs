@@ -115,19 +115,8 @@ async fn with_deadline<T>(
 }
 
 fn expert_bytes(cfg: &ModelConfig, ckpt: &Checkpoint) -> Result<u64> {
-    let Some(layer) = cfg.moe_layers().next() else {
-        return Ok(0);
-    };
-    let names = cfg.expert_tensor_names(layer, 0);
-    let mut total = 0;
-    for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
-        let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
-            name: name.clone(),
-            dir: ckpt.dir().to_path_buf(),
-        })?;
-        total += info.len as u64;
-    }
-    Ok(total)
+    let first = cfg.moe_layers().next().map(|l| (l, 0));
+    Ok(moeshard_engine::experts::stored_bytes(cfg, ckpt, first)?)
 }
 
 /// Connects to one worker and exchanges hellos; checks protocol and model.

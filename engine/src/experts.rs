@@ -95,6 +95,27 @@ pub fn load_expert(
     })
 }
 
+/// Stored bytes of the weights of `experts` (`(layer, expert)` pairs), from the tensor index:
+/// nothing is read from the weights.
+pub fn stored_bytes(
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    experts: impl IntoIterator<Item = (usize, usize)>,
+) -> Result<u64> {
+    let mut total = 0u64;
+    for (l, e) in experts {
+        let names = cfg.expert_tensor_names(l, e);
+        for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
+            let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
+                name: name.clone(),
+                dir: ckpt.dir().to_path_buf(),
+            })?;
+            total += info.len as u64;
+        }
+    }
+    Ok(total)
+}
+
 /// Experts held in this process.
 pub struct LocalExperts {
     hidden_size: usize,

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use moeshard_engine::config::MlpKind;
 use moeshard_engine::fingerprint::model_fingerprint;
 use moeshard_engine::safetensors::Checkpoint;
-use moeshard_engine::{EngineError, ExpertRow, LocalExperts, ModelConfig};
+use moeshard_engine::{ExpertRow, LocalExperts, ModelConfig};
 use moeshard_proto::tensor::{f32_from_le_bytes, f32_to_le_bytes};
 use moeshard_proto::v1::{
     AssignRequest, AssignResponse, Dtype, ExpertBatchRequest, ExpertBatchResponse, HealthResponse,
@@ -364,18 +364,11 @@ fn all_experts(cfg: &ModelConfig) -> impl Iterator<Item = (usize, usize)> + '_ {
 
 /// Bytes of the weights of `experts`, from the tensor index.
 fn bytes_of(cfg: &ModelConfig, ckpt: &Checkpoint, experts: &[(usize, usize)]) -> Result<u64> {
-    let mut total = 0u64;
-    for &(l, e) in experts {
-        let names = cfg.expert_tensor_names(l, e);
-        for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
-            let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
-                name: name.clone(),
-                dir: ckpt.dir().to_path_buf(),
-            })?;
-            total += info.len as u64;
-        }
-    }
-    Ok(total)
+    Ok(moeshard_engine::experts::stored_bytes(
+        cfg,
+        ckpt,
+        experts.iter().copied(),
+    )?)
 }
 
 fn worker_id() -> String {

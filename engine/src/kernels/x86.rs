@@ -6,9 +6,8 @@
 //! exactly the canonical chain of fused multiply-adds for its lanes, in increasing `k`; tails and
 //! folding are the shared scalar code, so every tile shape gives the reference bits.
 
-// The AVX-512 intrinsics and `target_feature(enable = "avx512f")` are stable since Rust 1.89, one
-// release after the workspace's declared `rust-version` (1.88): this module needs 1.89.
-#![allow(clippy::incompatible_msrv)]
+// The AVX-512 intrinsics and `target_feature(enable = "avx512f")` are stable since Rust 1.89,
+// the workspace's declared `rust-version`.
 
 use std::arch::x86_64::*;
 
