@@ -5,15 +5,20 @@ use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use moeshard_coordinator::plan::{ClusterSpec, ModelShape, PlanRequest, Quant, plan, render};
 use moeshard_engine::kernels;
 use moeshard_engine::tensor::Mat;
 
+/// Most bytes read from the front of a GGUF file for its metadata (vocabularies of 250k tokens and
+/// a chat template fit well within this).
+const GGUF_HEADER_READ: u64 = 64 << 20;
+
 #[derive(Args)]
 pub(crate) struct PlanArgs {
-    /// A checkpoint directory or a config.json (no weights needed).
+    /// A checkpoint directory, a config.json or a GGUF file (or just its first bytes): no weights
+    /// are needed.
     #[arg(long)]
     pub model: PathBuf,
     /// The cluster: nodes (memory, bandwidth, cores) and the link (see examples/clusters/).
@@ -45,16 +50,21 @@ pub(crate) fn cmd_plan(a: PlanArgs) -> Result<()> {
     } else {
         a.model.clone()
     };
-    if cfg_path.extension().is_some_and(|e| e == "gguf") {
-        bail!(
-            "{}: planning from a GGUF header is not supported yet; pass the model's config.json",
-            cfg_path.display()
-        );
-    }
-    let text = std::fs::read_to_string(&cfg_path)
-        .with_context(|| format!("reading {}", cfg_path.display()))?;
-    let model = ModelShape::from_config_json(&text)
-        .with_context(|| format!("sizing {}", cfg_path.display()))?;
+    let model = if cfg_path.extension().is_some_and(|e| e == "gguf") {
+        // The metadata sits at the front; a header cut from a large file is enough.
+        let mut head = Vec::new();
+        std::fs::File::open(&cfg_path)
+            .and_then(|f| f.take(GGUF_HEADER_READ).read_to_end(&mut head))
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let (_, meta) = moeshard_engine::gguf::parse_metadata(&cfg_path, &head)?;
+        ModelShape::from_gguf_metadata(&meta)
+            .with_context(|| format!("sizing {}", cfg_path.display()))?
+    } else {
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        ModelShape::from_config_json(&text)
+            .with_context(|| format!("sizing {}", cfg_path.display()))?
+    };
     let ctext = std::fs::read_to_string(&a.cluster)
         .with_context(|| format!("reading {}", a.cluster.display()))?;
     let cluster =

@@ -331,6 +331,61 @@ impl ModelShape {
         Ok(s)
     }
 
+    /// Sizes a model from GGUF metadata (llama.cpp's keys): architectures `qwen3moe`, `qwen2moe`
+    /// and `llama` with experts (Mixtral).
+    pub fn from_gguf_metadata(
+        meta: &std::collections::BTreeMap<String, moeshard_engine::gguf::Value>,
+    ) -> Result<Self, PlanError> {
+        let arch = meta
+            .get("general.architecture")
+            .and_then(|v| v.as_str())
+            .ok_or_else(|| PlanError::Config("GGUF metadata has no general.architecture".into()))?;
+        let model_type = match arch {
+            "qwen3moe" => "qwen3_moe",
+            "qwen2moe" => "qwen2_moe",
+            "llama" | "mixtral" => "mixtral",
+            other => {
+                return Err(PlanError::Config(format!(
+                    "GGUF architecture {other:?} cannot be sized yet; known: qwen3moe, qwen2moe, llama (with experts)"
+                )));
+            }
+        };
+        let key = |k: &str| meta.get(&format!("{arch}.{k}")).and_then(|v| v.as_u64());
+        let need = |k: &str| {
+            key(k).ok_or_else(|| PlanError::Config(format!("GGUF metadata lacks {arch}.{k}")))
+        };
+        let vocab = key("vocab_size")
+            .or_else(|| {
+                meta.get("tokenizer.ggml.tokens")
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.len() as u64)
+            })
+            .ok_or_else(|| PlanError::Config("GGUF metadata gives no vocabulary size".into()))?;
+        let mut cfg = serde_json::json!({
+            "model_type": model_type,
+            "hidden_size": need("embedding_length")?,
+            "num_hidden_layers": need("block_count")?,
+            "num_attention_heads": need("attention.head_count")?,
+            "num_experts": need("expert_count")?,
+            "num_experts_per_tok": need("expert_used_count")?,
+            "vocab_size": vocab,
+            "intermediate_size": key("feed_forward_length").unwrap_or(0),
+        });
+        if let Some(kv) = key("attention.head_count_kv") {
+            cfg["num_key_value_heads"] = kv.into();
+        }
+        if let Some(d) = key("attention.key_length") {
+            cfg["head_dim"] = d.into();
+        }
+        if let Some(m) = key("expert_feed_forward_length") {
+            cfg["moe_intermediate_size"] = m.into();
+        }
+        if let Some(s) = key("expert_shared_feed_forward_length") {
+            cfg["shared_expert_intermediate_size"] = s.into();
+        }
+        Self::from_config_json(&cfg.to_string())
+    }
+
     /// All weights.
     pub fn total_params(&self) -> u64 {
         self.dense_params + self.moe_layers.len() as u64 * self.experts * self.expert_params
@@ -928,6 +983,43 @@ mod tests {
         let gain = eight.decode_tok_s / bf16.decode_tok_s;
         assert!(gain > 1.5 && gain < 8.0, "gain {gain}");
         assert!(eight.decode.expert_s > 4.0 * bf16.decode.expert_s);
+    }
+
+    #[test]
+    fn a_gguf_header_sizes_like_its_config() {
+        use moeshard_engine::gguf::{Value, Writer, parse_metadata};
+        let arch = "qwen3moe";
+        let mut w = Writer::new();
+        w.meta("general.architecture", Value::String(arch.into()));
+        for (k, v) in [
+            ("block_count", 12u32),
+            ("embedding_length", 1024),
+            ("attention.head_count", 16),
+            ("attention.head_count_kv", 4),
+            ("attention.key_length", 128),
+            ("expert_count", 64),
+            ("expert_used_count", 8),
+            ("expert_feed_forward_length", 512),
+            ("feed_forward_length", 3072),
+            ("vocab_size", 32768),
+        ] {
+            w.meta(&format!("{arch}.{k}"), Value::U32(v));
+        }
+        let bytes = w.to_bytes();
+        // Only the first bytes of a file are needed.
+        let (_, meta) = parse_metadata(std::path::Path::new("h.gguf"), &bytes).unwrap();
+        let g = ModelShape::from_gguf_metadata(&meta).unwrap();
+        let c = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        assert_eq!(
+            (g.total_params(), g.active_params()),
+            (c.total_params(), c.active_params())
+        );
+        let mut bad = meta.clone();
+        bad.remove("qwen3moe.expert_count");
+        let e = ModelShape::from_gguf_metadata(&bad)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("qwen3moe.expert_count"), "{e}");
     }
 
     #[test]

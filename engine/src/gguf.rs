@@ -319,6 +319,23 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         pos: 0,
         path,
     };
+    let (version, n_tensors, metadata) = read_metadata(&mut c)?;
+    read_tensors(&mut c, path, bytes, version, n_tensors, metadata)
+}
+
+/// Reads only the version and the metadata: enough to plan for a model, and it works on the first
+/// bytes of a file (a header cut from a huge download).
+pub fn parse_metadata(path: &Path, bytes: &[u8]) -> Result<(u32, BTreeMap<String, Value>)> {
+    let mut c = Cursor {
+        bytes,
+        pos: 0,
+        path,
+    };
+    let (version, _, metadata) = read_metadata(&mut c)?;
+    Ok((version, metadata))
+}
+
+fn read_metadata(c: &mut Cursor<'_>) -> Result<(u32, u64, BTreeMap<String, Value>)> {
     let magic = c.u32("magic")?;
     if magic != MAGIC {
         return Err(c.err(format!("bad magic {magic:#010x}: not a GGUF file")));
@@ -341,6 +358,17 @@ pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
         let v = c.value(ty, &key, 0)?;
         metadata.insert(key, v);
     }
+    Ok((version, n_tensors, metadata))
+}
+
+fn read_tensors(
+    c: &mut Cursor<'_>,
+    path: &Path,
+    bytes: &[u8],
+    version: u32,
+    n_tensors: u64,
+    metadata: BTreeMap<String, Value>,
+) -> Result<Parsed> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
