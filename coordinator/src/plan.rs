@@ -592,7 +592,7 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         .iter()
         .map(|n| ((n.memory_gb - n.reserve_gb) * GB).max(0.0))
         .collect();
-    let mut caps: Vec<HostCapacity> = cluster
+    let caps: Vec<HostCapacity> = cluster
         .nodes
         .iter()
         .enumerate()
@@ -663,7 +663,6 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
             headroom_bytes: (n.memory_gb * GB) as i64 - (n.reserve_gb * GB) as i64 - used as i64,
             decode_busy_s: t * n_moe,
         });
-        let _ = &mut caps;
     }
     // Network per MoE layer: one round trip (all workers in parallel), the activations of the
     // tokens routed to the busiest worker both ways, and the dispatch overhead.
