@@ -101,6 +101,8 @@ pub(crate) struct ClusterInfo {
     pub workers: Vec<WorkerInfo>,
     /// The wire.
     pub transport: Transport,
+    /// Which host holds which expert (host `workers.len()` is the coordinator's own share).
+    pub placement: moeshard_coordinator::placement::Placement,
 }
 
 impl ClusterInfo {
@@ -198,6 +200,7 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         dispatch: experts.stats(),
         workers: experts.workers(),
         transport,
+        placement: experts.placement().clone(),
     };
     Ok(Loaded {
         model,

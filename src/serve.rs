@@ -164,6 +164,7 @@ fn weight_files(dir: &Path) -> Vec<PathBuf> {
 /// The cluster as `--workers` / `--local-workers` set it up.
 struct Workers {
     workers: Vec<WorkerInfo>,
+    placement: moeshard_coordinator::placement::Placement,
     transport: String,
     dispatch: Arc<DispatchStats>,
 }
@@ -178,11 +179,13 @@ impl ClusterView for Workers {
             hosts: self
                 .workers
                 .iter()
-                .map(|w| HostStatus {
+                .enumerate()
+                .map(|(i, w)| HostStatus {
                     name: w.addr.clone(),
                     worker_id: Some(w.worker_id.clone()),
                     capacity_bytes: Some(w.capacity),
                     expert_count: w.experts,
+                    experts: Some(self.placement.experts_of(i)),
                     ..HostStatus::default()
                 })
                 .collect(),
@@ -231,6 +234,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
     let cluster: Arc<dyn ClusterView> = match &loaded.cluster {
         Some(c) => Arc::new(Workers {
             workers: c.workers.clone(),
+            placement: c.placement.clone(),
             transport: c.transport.to_string(),
             dispatch: Arc::clone(&c.dispatch),
         }),

@@ -483,6 +483,15 @@ fn a_dead_worker_fails_requests_but_not_the_server() {
         None,
     );
     assert_eq!(st, 200, "served through the worker");
+    // The cluster view lists the worker and every expert it holds.
+    let v = client::get(&s.addr, "/v1/cluster", TIMEOUT)
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(v["mode"], "cluster");
+    assert_eq!(v["hosts"][0]["expert_count"], 10);
+    assert_eq!(v["hosts"][0]["experts"].as_array().map(Vec::len), Some(10));
+    assert_eq!(v["hosts"][0]["experts"][0], json!([0, 0]));
     let workers = children(s.child.id());
     assert!(!workers.is_empty(), "the local worker process is a child");
     for w in &workers {
