@@ -140,28 +140,14 @@ fn tensor_of_wrong_shape_for_the_config() {
 #[test]
 fn tensor_of_unsupported_dtype() {
     let d = copy_fixture(FIX);
-    let p = d.path().join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let first_dtype = header.find("\"F32\"").unwrap();
-    let mut bytes = bytes;
-    bytes[8 + first_dtype..8 + first_dtype + 5].copy_from_slice(b"\"I32\"");
-    std::fs::write(&p, bytes).unwrap();
+    edit_header(&d.path().join("model.safetensors"), "\"F32\"", "\"I32\"");
     expect_failure(d.path(), "1,2", &["dtype I32 is not supported"]);
 }
 
 #[test]
 fn tensor_whose_dtype_disagrees_with_its_size() {
     let d = copy_fixture(FIX);
-    let p = d.path().join("model.safetensors");
-    let bytes = std::fs::read(&p).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header = String::from_utf8(bytes[8..8 + n].to_vec()).unwrap();
-    let first_dtype = header.find("\"F32\"").unwrap();
-    let mut bytes = bytes;
-    bytes[8 + first_dtype..8 + first_dtype + 5].copy_from_slice(b"\"F16\"");
-    std::fs::write(&p, bytes).unwrap();
+    edit_header(&d.path().join("model.safetensors"), "\"F32\"", "\"F16\"");
     expect_failure(d.path(), "1,2", &["model.safetensors", "needs", "bytes"]);
 }
 

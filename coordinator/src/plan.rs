@@ -118,6 +118,18 @@ impl J<'_> {
         self.u(k)
             .ok_or_else(|| PlanError::Config(format!("missing or non-integer {k}")))
     }
+    fn strings(&self, k: &str) -> Vec<String> {
+        self.0
+            .get(k)
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
     fn b(&self, k: &str, d: bool) -> bool {
         self.0.get(k).and_then(Value::as_bool).unwrap_or(d)
     }
@@ -246,16 +258,7 @@ impl ModelShape {
             }
             "gpt_oss" => {
                 let window = j.u("sliding_window").unwrap_or(128);
-                let types: Vec<String> = v
-                    .get("layer_types")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let types = j.strings("layer_types");
                 s.expert_params = 3 * h * moe_inter + 2 * moe_inter + h;
                 let attn = std_attn + nh * hd * 2 + nkv * hd * 2 + h + nh; // biases, sinks
                 let mut full = 0;
@@ -274,16 +277,7 @@ impl ModelShape {
                 s.attn_flops_per_ctx = full * 4 * nh * hd;
             }
             "qwen3_5_moe" | "qwen3_next" | "qwen3_5_moe_text" => {
-                let types: Vec<String> = v
-                    .get("layer_types")
-                    .and_then(Value::as_array)
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_string)
-                            .collect()
-                    })
-                    .unwrap_or_default();
+                let types = j.strings("layer_types");
                 let interval = j.u("full_attention_interval").unwrap_or(4).max(1) as usize;
                 let nk = j.req("linear_num_key_heads")?;
                 let nv = j.req("linear_num_value_heads")?;
