@@ -11,6 +11,7 @@ pub mod kernels;
 pub mod layers;
 pub mod model;
 pub mod npy;
+pub mod quant;
 pub mod routing;
 pub mod safetensors;
 pub mod sampling;

@@ -164,10 +164,11 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
             .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-        if numel.checked_mul(dtype.size() as u64) != Some(e - b) {
+        let want = numel.checked_mul(dtype.block().1 as u64);
+        if want != Some(e - b) {
             return Err(bad(format!(
                 "shape {shape:?} of {dtype_s} needs {} bytes but data_offsets give {}",
-                numel.saturating_mul(dtype.size() as u64),
+                numel.saturating_mul(dtype.block().1 as u64),
                 e - b
             )));
         }

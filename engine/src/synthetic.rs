@@ -84,7 +84,9 @@ pub fn tensor_index(cfg: &ModelConfig, dtype: DType) -> BTreeMap<String, TensorI
     let mut offset = 0;
     t.into_iter()
         .map(|(name, shape)| {
-            let len = shape.iter().product::<usize>() * dtype.size();
+            let len = dtype
+                .bytes_for(&shape)
+                .expect("synthetic shapes fit their dtype");
             let info = TensorInfo {
                 dtype,
                 shape,
@@ -151,6 +153,27 @@ pub fn generate(name: &str, info: &TensorInfo, seed: u64) -> Tensor {
                 }
             });
             Tensor::from_bf16(name, info.shape.clone(), &data)
+        }
+        q => {
+            let q = q.quant().expect("block type");
+            let cols = info.shape.last().copied().unwrap_or(1);
+            let mut data = vec![0f32; numel];
+            data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                let mut rng = Rng::new(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                for o in out {
+                    *o = value(&mut rng);
+                }
+            });
+            let rows: Vec<Vec<u8>> = data
+                .par_chunks(cols.max(1))
+                .map(|row| {
+                    let mut b = Vec::new();
+                    crate::quant::quantize(q, row, &mut b);
+                    b
+                })
+                .collect();
+            Tensor::from_raw(name, info.dtype, info.shape.clone(), &rows.concat())
+                .expect("synthetic tensor sizes are consistent")
         }
     }
 }

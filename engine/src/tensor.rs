@@ -6,9 +6,11 @@ use half::{bf16, f16};
 use memmap2::Mmap;
 
 use crate::error::{EngineError, Result};
+use crate::quant::QType;
 
 /// Element types of stored weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[allow(non_camel_case_types)]
 pub enum DType {
     /// IEEE single precision.
     F32,
@@ -16,23 +18,86 @@ pub enum DType {
     F16,
     /// bfloat16.
     BF16,
+    /// ggml's 8-bit blocks of 32 (see [`crate::quant`]).
+    Q8_0,
+    /// ggml's 4-bit blocks of 32.
+    Q4_0,
+    /// ggml's 4-bit K-quant super-blocks of 256.
+    Q4_K,
+    /// ggml's 5-bit K-quant super-blocks of 256.
+    Q5_K,
+    /// ggml's 6-bit K-quant super-blocks of 256.
+    Q6_K,
 }
 
 impl DType {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// `(elements, bytes)` of one block: `(1, 4)` for f32, `(32, 34)` for Q8_0, ...
+    pub fn block(self) -> (usize, usize) {
         match self {
-            DType::F32 => 4,
-            DType::F16 | DType::BF16 => 2,
+            DType::F32 => (1, 4),
+            DType::F16 | DType::BF16 => (1, 2),
+            q => {
+                let q = q.quant().expect("block type");
+                (q.block_elems(), q.block_bytes())
+            }
         }
     }
 
-    /// The safetensors spelling.
+    /// The block-quantized type, for the quantized dtypes.
+    pub fn quant(self) -> Option<QType> {
+        Some(match self {
+            DType::F32 | DType::F16 | DType::BF16 => return None,
+            DType::Q8_0 => QType::Q8_0,
+            DType::Q4_0 => QType::Q4_0,
+            DType::Q4_K => QType::Q4_K,
+            DType::Q5_K => QType::Q5_K,
+            DType::Q6_K => QType::Q6_K,
+        })
+    }
+
+    /// The dtype of a block-quantized type.
+    pub fn from_quant(q: QType) -> Self {
+        match q {
+            QType::Q8_0 => DType::Q8_0,
+            QType::Q4_0 => DType::Q4_0,
+            QType::Q4_K => DType::Q4_K,
+            QType::Q5_K => DType::Q5_K,
+            QType::Q6_K => DType::Q6_K,
+        }
+    }
+
+    /// Bytes of a tensor of this shape, when its last dimension is a whole number of blocks
+    /// (and the size does not overflow).
+    pub fn bytes_for(self, shape: &[usize]) -> Option<usize> {
+        let (be, bb) = self.block();
+        let last = shape.last().copied().unwrap_or(1);
+        if !last.is_multiple_of(be) {
+            return None;
+        }
+        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+        (numel / be).checked_mul(bb)
+    }
+
+    /// Alignment the kernels need for the stored elements.
+    fn align(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::F16 | DType::BF16 => 2,
+            _ => 1,
+        }
+    }
+
+    /// The safetensors (or GGUF) spelling.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
+            DType::Q8_0 => "Q8_0",
+            DType::Q4_0 => "Q4_0",
+            DType::Q4_K => "Q4_K",
+            DType::Q5_K => "Q5_K",
+            DType::Q6_K => "Q6_K",
         }
     }
 }
@@ -87,6 +152,8 @@ pub enum Mat<'a> {
     F16(&'a [f16]),
     /// bf16 elements.
     BF16(&'a [bf16]),
+    /// Whole blocks of a block-quantized type (rows are whole numbers of blocks).
+    Quant(QType, &'a [u8]),
 }
 
 impl Mat<'_> {
@@ -96,6 +163,7 @@ impl Mat<'_> {
             Mat::F32(s) => s.len(),
             Mat::F16(s) => s.len(),
             Mat::BF16(s) => s.len(),
+            Mat::Quant(q, b) => b.len() / q.block_bytes() * q.block_elems(),
         }
     }
 
@@ -116,15 +184,23 @@ impl Tensor {
         start: usize,
         len: usize,
     ) -> Result<Self> {
-        let numel = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-        let want = numel.and_then(|n| n.checked_mul(dtype.size()));
+        let want = dtype.bytes_for(&shape);
         if want != Some(len) {
-            return Err(EngineError::BadTensor {
-                name: name.into(),
-                msg: format!(
-                    "shape {shape:?} of {} needs {want:?} bytes, the file gives {len}",
+            let msg = match want {
+                Some(w) => format!(
+                    "shape {shape:?} of {} needs {w} bytes, the file gives {len}",
                     dtype.name()
                 ),
+                None => format!(
+                    "shape {shape:?} does not fit {} (its last dimension must be a multiple of {} \
+                     and the size must not overflow)",
+                    dtype.name(),
+                    dtype.block().0
+                ),
+            };
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg,
             });
         }
         if start.checked_add(len).is_none_or(|end| end > map.len()) {
@@ -143,7 +219,7 @@ impl Tensor {
             shape,
             bytes: Bytes::Mapped { map, start, len },
         };
-        if !(t.bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.size()) {
+        if !(t.bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.align()) {
             // Misaligned data in the file: copy once into aligned memory.
             return Ok(t.to_owned_copy());
         }
@@ -160,6 +236,21 @@ impl Tensor {
     pub fn from_bf16(name: &str, shape: Vec<usize>, data: &[half::bf16]) -> Self {
         assert_eq!(shape.iter().product::<usize>(), data.len());
         Self::owned(name, DType::BF16, shape, bytemuck::cast_slice(data))
+    }
+
+    /// A tensor owning already-encoded bytes of `dtype` (checked against the shape).
+    pub fn from_raw(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Result<Self> {
+        if dtype.bytes_for(&shape) != Some(bytes.len()) {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!(
+                    "{} bytes do not hold shape {shape:?} of {}",
+                    bytes.len(),
+                    dtype.name()
+                ),
+            });
+        }
+        Ok(Self::owned(name, dtype, shape, bytes))
     }
 
     fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
@@ -223,6 +314,7 @@ impl Tensor {
             DType::F32 => Mat::F32(bytemuck::cast_slice(raw)),
             DType::F16 => Mat::F16(bytemuck::cast_slice(raw)),
             DType::BF16 => Mat::BF16(bytemuck::cast_slice(raw)),
+            q => Mat::Quant(q.quant().expect("block type"), raw),
         }
     }
 

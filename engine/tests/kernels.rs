@@ -59,6 +59,7 @@ fn dtype(m: &Mat<'_>) -> &'static str {
         Mat::F32(_) => "f32",
         Mat::F16(_) => "f16",
         Mat::BF16(_) => "bf16",
+        Mat::Quant(..) => "quant",
     }
 }
 
@@ -428,5 +429,154 @@ proptest! {
         prop_assert_eq!(d.to_bits(), kernels::dot(&b, &a).to_bits());
         let a4: Vec<f32> = a.iter().map(|v| v * 4.0).collect();
         prop_assert_eq!((d * 4.0).to_bits(), kernels::dot(&a4, &b).to_bits());
+    }
+}
+
+mod quantized {
+    use moeshard_engine::kernels::{self, Path};
+    use moeshard_engine::quant::{self, ALL, QActs, QType};
+    use moeshard_engine::tensor::Mat;
+    use proptest::prelude::*;
+
+    /// Random blocks of `q`: random quant bytes, with scales replaced by finite f16 values of
+    /// moderate size (random bytes would make NaNs and infinities).
+    fn random_blocks(q: QType, n_blocks: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let mut out: Vec<u8> = (0..n_blocks * q.block_bytes())
+            .map(|_| next() as u8)
+            .collect();
+        let scale = |v: u64| half::f16::from_f32(((v % 1000) as f32 - 500.0) / 50_000.0).to_bits();
+        for blk in out.chunks_exact_mut(q.block_bytes()) {
+            let offsets: &[usize] = match q {
+                QType::Q8_0 | QType::Q4_0 => &[0],
+                QType::Q4_K | QType::Q5_K => &[0, 2],
+                QType::Q6_K => &[208],
+            };
+            for &o in offsets {
+                blk[o..o + 2].copy_from_slice(&scale(next()).to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn acts(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| (i as f32 * 0.61 + seed as f32 * 1.3).sin() * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn every_path_matches_the_reference_bit_for_bit() {
+        for q in ALL {
+            for &(rows, cols, n) in &[
+                (1, 256, 1),
+                (7, 512, 1),
+                (33, 1024, 3),
+                (130, 768, 7),
+                (5, 256, 20),
+            ] {
+                let w = random_blocks(q, rows * cols / q.block_elems(), (rows * cols + n) as u64);
+                let x = acts(n * cols, rows as u64);
+                let a = QActs::new(q, &x, cols);
+                let rb = q.row_bytes(cols).unwrap();
+                let mut want = vec![0f32; rows * n];
+                for t in 0..n {
+                    let (xq, xd, s16) = a.token(t);
+                    for r in 0..rows {
+                        want[t * rows + r] =
+                            quant::dot_row_ref(q, &w[r * rb..(r + 1) * rb], xq, xd, s16);
+                    }
+                }
+                for path in kernels::available_paths() {
+                    for threads in [1, 2, 3] {
+                        let pool = rayon::ThreadPoolBuilder::new()
+                            .num_threads(threads)
+                            .build()
+                            .unwrap();
+                        let mut got = vec![0f32; rows * n];
+                        pool.install(|| {
+                            kernels::matmul_with(
+                                path,
+                                Mat::Quant(q, &w),
+                                rows,
+                                cols,
+                                &x,
+                                n,
+                                &mut got,
+                            )
+                        });
+                        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                e.to_bits(),
+                                "{q:?} {path:?} {rows}x{cols} n={n} threads={threads} at {i}: {g} vs {e}"
+                            );
+                        }
+                    }
+                }
+                // A token alone gives the same bits as inside the batch.
+                if n > 1 {
+                    let mut alone = vec![0f32; rows];
+                    kernels::matmul(
+                        Mat::Quant(q, &w),
+                        rows,
+                        cols,
+                        &x[cols..2 * cols],
+                        1,
+                        &mut alone,
+                    );
+                    assert_eq!(alone, want[rows..2 * rows]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn quantized_product_is_close_to_the_dequantized_product() {
+        let (rows, cols) = (16, 1024);
+        for q in ALL {
+            let w = random_blocks(q, rows * cols / q.block_elems(), 77);
+            let mut wd = vec![0f32; rows * cols];
+            quant::dequantize(q, &w, &mut wd);
+            let x = acts(cols, 5);
+            let mut got = vec![0f32; rows];
+            kernels::matmul(Mat::Quant(q, &w), rows, cols, &x, 1, &mut got);
+            let mut want = vec![0f32; rows];
+            kernels::matmul(Mat::F32(&wd), rows, cols, &x, 1, &mut want);
+            for r in 0..rows {
+                let mag: f32 = (0..cols).map(|k| (wd[r * cols + k] * x[k]).abs()).sum();
+                // 8-bit activations: each product is off by at most half a step of its block.
+                assert!(
+                    (got[r] - want[r]).abs() <= 0.01 * mag + 1e-6,
+                    "{q:?} row {r}: {} vs {}",
+                    got[r],
+                    want[r]
+                );
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn proptest_paths_agree(qi in 0usize..5, rows in 1usize..9, nb in 1usize..5, n in 1usize..4, seed in any::<u64>()) {
+            let q = ALL[qi];
+            let cols = nb * q.block_elems();
+            let w = random_blocks(q, rows * nb, seed);
+            let x = acts(n * cols, seed % 1000);
+            let mut want = vec![0f32; rows * n];
+            kernels::matmul_with(Path::Scalar, Mat::Quant(q, &w), rows, cols, &x, n, &mut want);
+            for path in kernels::available_paths() {
+                let mut got = vec![0f32; rows * n];
+                kernels::matmul_with(path, Mat::Quant(q, &w), rows, cols, &x, n, &mut got);
+                prop_assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            }
+        }
     }
 }

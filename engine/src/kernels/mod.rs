@@ -33,6 +33,9 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+#[cfg(target_arch = "x86_64")]
+mod quant_x86;
+
 // The NEON path is compiled on aarch64 and, for its unit tests only, on other targets against a
 // small software emulation of the four intrinsics it uses.
 #[cfg(any(all(target_arch = "aarch64", target_feature = "neon"), test))]
@@ -43,6 +46,7 @@ use std::sync::OnceLock;
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::quant::{QActs, QType};
 use crate::tensor::Mat;
 
 /// Number of interleaved accumulator lanes in the canonical dot product.
@@ -265,6 +269,70 @@ pub fn matmul_with(
         Mat::F32(s) => drive(path, s, rows, cols, x, n_tokens, out),
         Mat::F16(s) => drive(path, s, rows, cols, x, n_tokens, out),
         Mat::BF16(s) => drive(path, s, rows, cols, x, n_tokens, out),
+        Mat::Quant(q, b) => drive_quant(path, q, b, rows, cols, x, n_tokens, out),
+    }
+}
+
+/// One quantized row's dot product with token `t` of `acts`, on `path` (available).
+#[inline]
+fn quant_dot(path: Path, q: QType, row: &[u8], acts: &QActs, t: usize) -> f32 {
+    let (xq, xd, s16) = acts.token(t);
+    match path {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: both x86 paths imply AVX2 and FMA (checked by the public entry point).
+        Path::Avx2 | Path::Avx512 => unsafe { quant_x86::dot_row(q, row, xq, xd, s16) },
+        _ => crate::quant::dot_row_ref(q, row, xq, xd, s16),
+    }
+}
+
+/// [`matmul`] for block-quantized weights: the activations are quantized once (see
+/// [`crate::quant`]), then row blocks run in parallel like the float driver.
+#[allow(clippy::too_many_arguments)]
+fn drive_quant(
+    path: Path,
+    q: QType,
+    w: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    out: &mut [f32],
+) {
+    if out.is_empty() {
+        return;
+    }
+    let row_bytes = q
+        .row_bytes(cols)
+        .unwrap_or_else(|| panic!("matmul: {cols} columns are not whole {q:?} blocks"));
+    let acts = QActs::new(q, x, cols);
+    let threads = rayon::current_num_threads();
+    let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
+    let serial = threads <= 1 || work < SERIAL_WORK || rows < 2;
+    let mut block = (BLOCK_BYTES / row_bytes.max(1)).max(1);
+    if !serial {
+        block = block.min(rows.div_ceil(4 * threads));
+    }
+    let n_blocks = rows.div_ceil(block);
+    let out_len = out.len();
+    let optr = OutPtr(out.as_mut_ptr());
+    let run = |b: usize| {
+        let r_begin = b * block;
+        let r_end = (r_begin + block).min(rows);
+        for t in 0..n_tokens {
+            for r in r_begin..r_end {
+                let v = quant_dot(path, q, &w[r * row_bytes..(r + 1) * row_bytes], &acts, t);
+                let i = t * rows + r;
+                assert!(i < out_len);
+                // SAFETY: `i < out.len()` and row `r` belongs to this task alone; `out` is
+                // exclusively borrowed for the whole call and outlives the tasks.
+                unsafe { *optr.get().add(i) = v };
+            }
+        }
+    };
+    if serial {
+        (0..n_blocks).for_each(run);
+    } else {
+        (0..n_blocks).into_par_iter().for_each(run);
     }
 }
 
@@ -538,10 +606,19 @@ pub fn silu_mul_with(path: Path, gate: &mut [f32], up: &[f32]) {
     }
 }
 
-/// Converts `out.len()` elements of `w` starting at element `offset` to f32.
+/// Converts `out.len()` elements of `w` starting at element `offset` to f32 (for block types,
+/// `offset` and `out.len()` must be whole blocks).
 pub fn convert_to_f32(w: Mat<'_>, offset: usize, out: &mut [f32]) {
     let n = out.len();
     match w {
+        Mat::Quant(q, b) => {
+            let (be, bb) = (q.block_elems(), q.block_bytes());
+            assert!(
+                offset.is_multiple_of(be) && n.is_multiple_of(be),
+                "convert_to_f32: {offset}..+{n} is not whole {q:?} blocks"
+            );
+            crate::quant::dequantize(q, &b[offset / be * bb..(offset + n) / be * bb], out);
+        }
         Mat::F32(s) => out.copy_from_slice(&s[offset..offset + n]),
         Mat::F16(s) => {
             for (o, v) in out.iter_mut().zip(&s[offset..offset + n]) {

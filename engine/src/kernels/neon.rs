@@ -136,6 +136,7 @@ mod tests {
                         Mat::F32(s) => super::tile(s, cols, &x, rows, n_tokens, &mut res),
                         Mat::F16(s) => super::tile(s, cols, &x, rows, n_tokens, &mut res),
                         Mat::BF16(s) => super::tile(s, cols, &x, rows, n_tokens, &mut res),
+                        Mat::Quant(..) => unreachable!("float matrices only"),
                     }
                     for r in 0..rows {
                         for t in 0..n_tokens {

@@ -28,6 +28,12 @@ pub fn dot_row(w: Mat<'_>, r: usize, x: &[f32]) -> f32 {
         Mat::F32(s) => dot_by(cols, |k| s[base + k], x),
         Mat::F16(s) => dot_by(cols, |k| f16::to_f32(s[base + k]), x),
         Mat::BF16(s) => dot_by(cols, |k| bf16::to_f32(s[base + k]), x),
+        Mat::Quant(q, b) => {
+            let acts = crate::quant::QActs::new(q, x, cols);
+            let (xq, xd, s16) = acts.token(0);
+            let rb = q.row_bytes(cols).expect("whole blocks");
+            crate::quant::dot_row_ref(q, &b[r * rb..(r + 1) * rb], xq, xd, s16)
+        }
     }
 }
 
