@@ -78,6 +78,44 @@ pub(crate) struct ClusterArgs {
     pub connect_timeout: f64,
     #[command(flatten)]
     pub synthetic: SyntheticArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+}
+
+/// Quantization applied while loading a float checkpoint.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct QuantArgs {
+    /// Quantize the routed experts' float weights as they load: q8_0, q4_0, q4_k, q5_k or
+    /// q6_k (rows that are not whole blocks fall back to q8_0, or stay as stored).
+    #[arg(long, value_parser = ["q8_0", "q4_0", "q4_k", "q5_k", "q6_k"])]
+    pub quantize: Option<String>,
+    /// With --quantize: also the dense linear weights (attention, shared experts, embeddings,
+    /// LM head); routers and norms stay as stored.
+    #[arg(long, requires = "quantize")]
+    pub quantize_all: bool,
+}
+
+impl QuantArgs {
+    /// The engine's description of the request.
+    pub fn spec(&self) -> Option<moeshard_engine::safetensors::Quantize> {
+        let qtype = moeshard_engine::quant::QType::from_name(self.quantize.as_deref()?)?;
+        Some(moeshard_engine::safetensors::Quantize {
+            qtype,
+            all: self.quantize_all,
+        })
+    }
+
+    /// The arguments that make a worker load the same way.
+    pub fn worker_args(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if let Some(q) = &self.quantize {
+            v.extend(["--quantize".to_string(), q.clone()]);
+            if self.quantize_all {
+                v.push("--quantize-all".into());
+            }
+        }
+        v
+    }
 }
 
 /// Deterministic random weights of a config's exact shapes instead of a checkpoint's.

@@ -12,7 +12,8 @@ use clap::Args;
 use moeshard_coordinator::{
     ClusterExperts, ClusterOptions, DispatchStats, LocalWorkers, LocalWorkersConfig, WorkerInfo,
 };
-use moeshard_engine::{ExpertBackend, LocalExperts, Model};
+use moeshard_engine::safetensors::Checkpoint;
+use moeshard_engine::{DType, ExpertBackend, LocalExperts, Model, ModelConfig};
 use moeshard_proto::{Transport, listening_line};
 use moeshard_worker::WorkerCore;
 
@@ -35,6 +36,8 @@ pub(crate) struct WorkerArgs {
     capacity: Option<u64>,
     #[command(flatten)]
     synthetic: crate::cli::SyntheticArgs,
+    #[command(flatten)]
+    quant: crate::cli::QuantArgs,
     /// Exit when stdin reaches end of file (for workers started by a coordinator, so they never
     /// outlive it).
     #[arg(long)]
@@ -48,17 +51,9 @@ fn transport(s: &str) -> Result<Transport> {
 /// `moeshard worker`: serves a checkpoint's experts until killed (or until stdin closes).
 pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
     let transport = transport(&a.transport)?;
-    let core = if a.synthetic.synthetic {
-        WorkerCore::open_synthetic(
-            &a.model,
-            a.synthetic.layers,
-            a.synthetic.synthetic_seed,
-            a.capacity,
-        )
-    } else {
-        WorkerCore::open(&a.model, a.capacity)
-    }
-    .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
+    let (cfg, ckpt) = open_checkpoint(&a.model, &a.synthetic, &a.quant)?;
+    let core = WorkerCore::from_checkpoint(&a.model, cfg, ckpt, a.capacity)
+        .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
     if a.exit_with_parent {
         std::thread::spawn(|| {
             let mut stdin = std::io::stdin().lock();
@@ -135,15 +130,34 @@ pub(crate) struct Loaded {
     _local_workers: Option<LocalWorkers>,
 }
 
+/// Opens a model's config and checkpoint (real or synthetic), with the quantization asked.
+pub(crate) fn open_checkpoint(
+    dir: &Path,
+    syn: &crate::cli::SyntheticArgs,
+    quant: &crate::cli::QuantArgs,
+) -> Result<(ModelConfig, Checkpoint)> {
+    let (cfg, mut ckpt) = if syn.synthetic {
+        let cfg = moeshard_engine::model::synthetic_config(dir, syn.layers)?;
+        let file = if dir.is_dir() {
+            dir.join("config.json")
+        } else {
+            dir.to_path_buf()
+        };
+        let ckpt = Checkpoint::synthetic(&file, &cfg, DType::BF16, syn.synthetic_seed);
+        (cfg, ckpt)
+    } else {
+        (ModelConfig::from_dir(dir)?, Checkpoint::open(dir)?)
+    };
+    ckpt.set_quantize(quant.spec());
+    Ok((cfg, ckpt))
+}
+
 /// Loads the dense model and opens the expert backend the cluster options ask for.
 pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
     let syn = &args.synthetic;
-    let (model, ckpt) = if syn.synthetic {
-        Model::load_synthetic(dir, syn.layers, syn.synthetic_seed)
-    } else {
-        Model::load(dir)
-    }
-    .with_context(|| format!("loading the model in {}", dir.display()))?;
+    let (model, ckpt) = open_checkpoint(dir, syn, &args.quant)
+        .and_then(|(cfg, ckpt)| Ok((Model::from_checkpoint(cfg, &ckpt)?, ckpt)))
+        .with_context(|| format!("loading the model in {}", dir.display()))?;
     if args.workers.is_empty() && args.local_workers == 0 {
         let experts = LocalExperts::load_all(&model.cfg, &ckpt)
             .with_context(|| format!("loading the experts in {}", dir.display()))?;
@@ -168,6 +182,7 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         let mut cfg =
             LocalWorkersConfig::new(exe, dir.to_path_buf(), transport, args.local_workers);
         cfg.extra_args = syn.worker_args();
+        cfg.extra_args.extend(args.quant.worker_args());
         if !args.local_capacities.is_empty() {
             if args.local_capacities.len() != args.local_workers {
                 bail!(

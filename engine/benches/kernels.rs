@@ -130,6 +130,55 @@ fn matvec(c: &mut Criterion) {
     g.finish();
 }
 
+/// Block-quantized matvecs (decode) and small batches (prefill), in weight bytes per second.
+fn quantized(c: &mut Criterion) {
+    use moeshard_engine::quant::{self, QType};
+    let mut g = c.benchmark_group("quant");
+    g.sample_size(20)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    for q in [QType::Q8_0, QType::Q4_0, QType::Q4_K, QType::Q6_K] {
+        let bytes = q.row_bytes(COLS).expect("whole blocks") * ROWS;
+        let count = FOOTPRINT.div_ceil(bytes).max(1);
+        let base = values(ROWS * COLS, 7);
+        let mut one = Vec::new();
+        quant::quantize(q, &base, &mut one);
+        let set: Vec<Vec<u8>> = (0..count)
+            .map(|i| {
+                let mut v = one.clone();
+                v.rotate_left(i * 7 * q.block_bytes() % one.len());
+                v
+            })
+            .collect();
+        for n in [1usize, 32] {
+            g.throughput(Throughput::BytesDecimal(bytes as u64));
+            let x = values(COLS * n, 3);
+            let mut out = vec![0f32; ROWS * n];
+            for path in simd_paths() {
+                for threads in [1, 2] {
+                    let id = BenchmarkId::new(
+                        format!("{}/{path:?}", q.name()),
+                        format!("{ROWS}x{COLS}/n{n}/t{threads}"),
+                    );
+                    let p = pool(threads);
+                    let mut i = 0;
+                    g.bench_function(id, |b| {
+                        p.install(|| {
+                            b.iter(|| {
+                                i += 1;
+                                let w = Mat::Quant(q, &set[i % set.len()]);
+                                kernels::matmul_with(path, w, ROWS, COLS, &x, n, &mut out);
+                                black_box(&out);
+                            })
+                        })
+                    });
+                }
+            }
+        }
+    }
+    g.finish();
+}
+
 fn batch(c: &mut Criterion) {
     let mut g = c.benchmark_group("batch");
     g.sample_size(10)
@@ -218,5 +267,5 @@ fn dot(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, matvec, batch, expert, dot);
+criterion_group!(benches, matvec, quantized, batch, expert, dot);
 criterion_main!(benches);

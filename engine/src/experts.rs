@@ -106,11 +106,13 @@ pub fn stored_bytes(
     for (l, e) in experts {
         let names = cfg.expert_tensor_names(l, e);
         for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
-            let (_, info) = ckpt.info(name).ok_or_else(|| EngineError::MissingTensor {
-                name: name.clone(),
-                dir: ckpt.dir().to_path_buf(),
-            })?;
-            total += info.len as u64;
+            let (_, len) = ckpt
+                .loaded_form(name)
+                .ok_or_else(|| EngineError::MissingTensor {
+                    name: name.clone(),
+                    dir: ckpt.dir().to_path_buf(),
+                })?;
+            total += len as u64;
         }
     }
     Ok(total)

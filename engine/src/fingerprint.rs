@@ -37,6 +37,11 @@ pub fn fingerprint_of(config_json: &[u8], ckpt: &Checkpoint) -> String {
         h.update(b"synthetic weights, seed");
         h.update(&seed.to_le_bytes());
     }
+    if let Some(q) = ckpt.quantize() {
+        h.update(b"quantized on load to");
+        h.update(q.qtype.name().as_bytes());
+        h.update(&[u8::from(q.all)]);
+    }
     h.update(&(names.len() as u64).to_le_bytes());
     for name in names {
         h.update(&(name.len() as u64).to_le_bytes());

@@ -419,7 +419,7 @@ pub struct QActs {
     /// One scale per block, `[n_tokens * cols / block]`.
     pub d: Vec<f32>,
     /// Exact sums of each 16 quantized values (K types only), `[n_tokens * cols / 16]`.
-    pub sums16: Vec<i32>,
+    pub sums16: Vec<i16>,
 }
 
 impl QActs {
@@ -446,7 +446,7 @@ impl QActs {
         }
         let sums16 = if q.is_k() {
             qv.chunks_exact(16)
-                .map(|c| c.iter().map(|&v| i32::from(v)).sum())
+                .map(|c| c.iter().map(|&v| i16::from(v)).sum())
                 .collect()
         } else {
             Vec::new()
@@ -462,7 +462,7 @@ impl QActs {
 
     /// Token `t`'s quantized values, scales and 16-sums.
     #[inline]
-    pub fn token(&self, t: usize) -> (&[i8], &[f32], &[i32]) {
+    pub fn token(&self, t: usize) -> (&[i8], &[f32], &[i16]) {
         let nb = self.cols / self.block;
         let s16 = if self.sums16.is_empty() {
             &[][..]
@@ -479,7 +479,7 @@ impl QActs {
 
 /// The exact integer parts `(S, M)` of a K-quant block's dot product with 256 quantized
 /// activations `x` whose 16-sums are `s16` (see the module docs); the scalar reference.
-pub fn k_block_ints(q: QType, blk: &[u8], x: &[i8], s16: &[i32]) -> (i32, i32) {
+pub fn k_block_ints(q: QType, blk: &[u8], x: &[i8], s16: &[i16]) -> (i32, i32) {
     match q {
         QType::Q4_K | QType::Q5_K => {
             let vals = if q == QType::Q5_K {
@@ -494,7 +494,7 @@ pub fn k_block_ints(q: QType, blk: &[u8], x: &[i8], s16: &[i32]) -> (i32, i32) {
                     .map(|l| i32::from(vals[32 * j + l]) * i32::from(x[32 * j + l]))
                     .sum();
                 s += i32::from(sc) * dot;
-                m += i32::from(mn) * (s16[2 * j] + s16[2 * j + 1]);
+                m += i32::from(mn) * (i32::from(s16[2 * j]) + i32::from(s16[2 * j + 1]));
             }
             (s, m)
         }
@@ -566,7 +566,7 @@ fn block32_values(q: QType, blk: &[u8]) -> ([i8; 32], f32) {
 
 /// Reference dot product of one quantized weight row with one token's quantized activations
 /// (`x`, `xd`, `s16` from [`QActs::token`]), in the canonical order.
-pub fn dot_row_ref(q: QType, row: &[u8], x: &[i8], xd: &[f32], s16: &[i32]) -> f32 {
+pub fn dot_row_ref(q: QType, row: &[u8], x: &[i8], xd: &[f32], s16: &[i16]) -> f32 {
     let bb = q.block_bytes();
     if q.is_k() {
         let mut acc = [0f32; 4];

@@ -13,6 +13,7 @@ use memmap2::Mmap;
 use serde_json::Value;
 
 use crate::error::{EngineError, Result};
+use crate::quant::QType;
 use crate::tensor::{DType, Tensor};
 
 /// Largest header we parse (real checkpoints have a few MB at most).
@@ -191,6 +192,38 @@ pub struct Checkpoint {
     files: Vec<SafetensorsFile>,
     index: HashMap<String, usize>,
     synthetic: Option<Synthetic>,
+    quantize: Option<Quantize>,
+}
+
+/// Quantization applied as tensors are loaded (`--quantize`): float weights become owned
+/// block-quantized copies, so resident memory is the quantized size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quantize {
+    /// The target type.
+    pub qtype: QType,
+    /// Also the dense linear weights (attention, shared experts, embeddings, LM head), not only
+    /// the routed experts. Routers and norms always stay as stored.
+    pub all: bool,
+}
+
+impl Quantize {
+    /// The type tensor `name` of `shape` and `dtype` becomes, if any. A tensor whose rows are
+    /// not whole blocks of the asked type falls back to `Q8_0` (blocks of 32) when they are
+    /// whole blocks of that, and otherwise stays as stored.
+    pub fn target(&self, name: &str, dtype: DType, shape: &[usize]) -> Option<QType> {
+        if dtype.quant().is_some() || shape.len() != 2 || !name.ends_with(".weight") {
+            return None;
+        }
+        let expert = name.contains(".experts.");
+        let router = name.ends_with(".gate.weight") || name.ends_with("shared_expert_gate.weight");
+        if !(expert || (self.all && !router)) {
+            return None;
+        }
+        let cols = shape[1];
+        [self.qtype, QType::Q8_0]
+            .into_iter()
+            .find(|q| cols.is_multiple_of(q.block_elems()))
+    }
 }
 
 /// The generated stand-in for files (see [`crate::synthetic`]).
@@ -266,6 +299,7 @@ impl Checkpoint {
             files,
             index,
             synthetic: None,
+            quantize: None,
         })
     }
 
@@ -286,6 +320,32 @@ impl Checkpoint {
                 config_file: config_file.to_path_buf(),
                 tensors: crate::synthetic::tensor_index(cfg, dtype),
             }),
+            quantize: None,
+        }
+    }
+
+    /// Sets the quantization applied as tensors are loaded (none by default).
+    pub fn set_quantize(&mut self, q: Option<Quantize>) {
+        self.quantize = q;
+    }
+
+    /// The quantization applied as tensors are loaded.
+    pub fn quantize(&self) -> Option<Quantize> {
+        self.quantize
+    }
+
+    /// The dtype and byte size tensor `name` has once loaded (after `--quantize`).
+    pub fn loaded_form(&self, name: &str) -> Option<(DType, usize)> {
+        let (_, info) = self.info(name)?;
+        match self
+            .quantize
+            .and_then(|q| q.target(name, info.dtype, &info.shape))
+        {
+            Some(q) => {
+                let dt = DType::from_quant(q);
+                Some((dt, dt.bytes_for(&info.shape)?))
+            }
+            None => Some((info.dtype, info.len)),
         }
     }
 
@@ -337,8 +397,20 @@ impl Checkpoint {
         Some((f.path(), f.tensors().get(name)?))
     }
 
-    /// A tensor by name, or an error naming it.
+    /// A tensor by name, or an error naming it (quantized if [`Self::set_quantize`] asks).
     pub fn get(&self, name: &str) -> Result<Tensor> {
+        let t = self.get_stored(name)?;
+        match self
+            .quantize
+            .and_then(|q| q.target(name, t.dtype(), t.shape()))
+        {
+            Some(q) => quantize_tensor(&t, q),
+            None => Ok(t),
+        }
+    }
+
+    /// A tensor as stored.
+    fn get_stored(&self, name: &str) -> Result<Tensor> {
         let missing = || EngineError::MissingTensor {
             name: name.to_string(),
             dir: self.dir.clone(),
@@ -352,9 +424,33 @@ impl Checkpoint {
     }
 
     /// A tensor whose shape must be `shape`.
+    ///
+    /// (Shape checks see the logical shape, whatever the loaded dtype.)
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let t = self.get(name)?;
         t.expect_shape(shape)?;
         Ok(t)
     }
+}
+
+/// An owned copy of a 2-D float tensor quantized row by row (rows in parallel).
+pub fn quantize_tensor(t: &Tensor, q: QType) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let shape = t.shape().to_vec();
+    let (rows, cols) = (shape[0], shape[1]);
+    let rb = q.row_bytes(cols).ok_or_else(|| EngineError::BadTensor {
+        name: t.name().to_string(),
+        msg: format!("rows of {cols} are not whole {} blocks", q.name()),
+    })?;
+    let mut out = vec![0u8; rows * rb];
+    out.par_chunks_mut(rb.max(1)).enumerate().for_each_init(
+        || (vec![0f32; cols], Vec::with_capacity(rb)),
+        |(buf, enc), (r, dst)| {
+            t.row_to_f32(r, buf);
+            enc.clear();
+            crate::quant::quantize(q, buf, enc);
+            dst.copy_from_slice(enc);
+        },
+    );
+    Tensor::from_raw(t.name(), DType::from_quant(q), shape, &out)
 }

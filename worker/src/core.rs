@@ -79,7 +79,8 @@ impl WorkerCore {
         Self::from_checkpoint(config, cfg, ckpt, capacity)
     }
 
-    fn from_checkpoint(
+    /// Serves an open checkpoint (`dir` names it in messages and the fingerprint).
+    pub fn from_checkpoint(
         dir: &Path,
         cfg: ModelConfig,
         ckpt: Checkpoint,

@@ -273,17 +273,25 @@ pub fn matmul_with(
     }
 }
 
-/// One quantized row's dot product with token `t` of `acts`, on `path` (available).
+/// One quantized row's dot products with tokens `t0..t0 + out.len()` of `acts` (at most
+/// [`QUANT_TN`]), on `path` (available).
 #[inline]
-fn quant_dot(path: Path, q: QType, row: &[u8], acts: &QActs, t: usize) -> f32 {
-    let (xq, xd, s16) = acts.token(t);
+fn quant_tile(path: Path, q: QType, row: &[u8], acts: &QActs, t0: usize, out: &mut [f32]) {
     match path {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: both x86 paths imply AVX2 and FMA (checked by the public entry point).
-        Path::Avx2 | Path::Avx512 => unsafe { quant_x86::dot_row(q, row, xq, xd, s16) },
-        _ => crate::quant::dot_row_ref(q, row, xq, xd, s16),
+        // SAFETY: both x86 paths imply AVX2, FMA and F16C (checked by the public entry point).
+        Path::Avx2 | Path::Avx512 => unsafe { quant_x86::dot_tile(q, row, acts, t0, out) },
+        _ => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (xq, xd, s16) = acts.token(t0 + i);
+                *o = crate::quant::dot_row_ref(q, row, xq, xd, s16);
+            }
+        }
     }
 }
+
+/// Tokens per quantized micro-kernel call.
+const QUANT_TN: usize = 4;
 
 /// [`matmul`] for block-quantized weights: the activations are quantized once (see
 /// [`crate::quant`]), then row blocks run in parallel like the float driver.
@@ -318,14 +326,19 @@ fn drive_quant(
     let run = |b: usize| {
         let r_begin = b * block;
         let r_end = (r_begin + block).min(rows);
-        for t in 0..n_tokens {
+        let mut res = [0f32; QUANT_TN];
+        for t0 in (0..n_tokens).step_by(QUANT_TN) {
+            let tn = QUANT_TN.min(n_tokens - t0);
             for r in r_begin..r_end {
-                let v = quant_dot(path, q, &w[r * row_bytes..(r + 1) * row_bytes], &acts, t);
-                let i = t * rows + r;
-                assert!(i < out_len);
-                // SAFETY: `i < out.len()` and row `r` belongs to this task alone; `out` is
-                // exclusively borrowed for the whole call and outlives the tasks.
-                unsafe { *optr.get().add(i) = v };
+                let row = &w[r * row_bytes..(r + 1) * row_bytes];
+                quant_tile(path, q, row, &acts, t0, &mut res[..tn]);
+                for (t, v) in res[..tn].iter().enumerate() {
+                    let i = (t0 + t) * rows + r;
+                    assert!(i < out_len);
+                    // SAFETY: `i < out.len()` and row `r` belongs to this task alone; `out` is
+                    // exclusively borrowed for the whole call and outlives the tasks.
+                    unsafe { *optr.get().add(i) = *v };
+                }
             }
         }
     };
