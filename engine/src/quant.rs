@@ -107,6 +107,24 @@ impl QType {
     }
 }
 
+/// Rounds half away from zero, like C's `roundf` (and `f32::round`), without a libm call on
+/// baseline x86-64; exact for every finite value (beyond 2^23 all floats are integers already).
+#[inline(always)]
+pub fn round_away(v: f32) -> f32 {
+    if v.abs() >= 8_388_608.0 || v.is_nan() {
+        return v;
+    }
+    let t = v as i32 as f32;
+    let f = v - t;
+    if f >= 0.5 {
+        t + 1.0
+    } else if f <= -0.5 {
+        t - 1.0
+    } else {
+        t.copysign(v)
+    }
+}
+
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
@@ -247,7 +265,7 @@ fn quantize_q8_0(x: &[f32], out: &mut Vec<u8>) {
     let d = amax / 127.0;
     let id = if d == 0.0 { 0.0 } else { 1.0 / d };
     push_f16(out, d);
-    out.extend(x.iter().map(|v| (v * id).round() as i8 as u8));
+    out.extend(x.iter().map(|v| round_away(v * id) as i8 as u8));
 }
 
 fn quantize_q4_0(x: &[f32], out: &mut Vec<u8>) {
@@ -282,7 +300,7 @@ fn fit_scale_min(x: &[f32], levels: u32) -> (f32, f32) {
         let err: f32 = x
             .iter()
             .map(|&v| {
-                let qv = ((v + min) / scale).round().clamp(0.0, nmax);
+                let qv = round_away((v + min) / scale).clamp(0.0, nmax);
                 let e = qv * scale - min - v;
                 e * e
             })
@@ -309,12 +327,12 @@ fn quantize_k45(x: &[f32], bits: u32, out: &mut Vec<u8>) {
     let mut mn = [0u8; 8];
     for j in 0..8 {
         sc[j] = if d > 0.0 {
-            (scales[j] / d).round().clamp(0.0, 63.0) as u8
+            round_away(scales[j] / d).clamp(0.0, 63.0) as u8
         } else {
             0
         };
         mn[j] = if dmin > 0.0 {
-            (mins[j] / dmin).round().clamp(0.0, 63.0) as u8
+            round_away(mins[j] / dmin).clamp(0.0, 63.0) as u8
         } else {
             0
         };
@@ -332,7 +350,7 @@ fn quantize_k45(x: &[f32], bits: u32, out: &mut Vec<u8>) {
         for l in 0..32 {
             let v = x[32 * j + l];
             qv[32 * j + l] = if ds > 0.0 {
-                ((v + dm) / ds).round().clamp(0.0, nmax) as u8
+                round_away((v + dm) / ds).clamp(0.0, nmax) as u8
             } else {
                 0
             };
@@ -374,7 +392,7 @@ fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
     let mut sc = [0i8; 16];
     for j in 0..16 {
         sc[j] = if d != 0.0 {
-            (sub[j] / d).round().clamp(-128.0, 127.0) as i8
+            round_away(sub[j] / d).clamp(-128.0, 127.0) as i8
         } else {
             0
         };
@@ -385,7 +403,7 @@ fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
         for l in 0..16 {
             let v = x[16 * j + l];
             q[16 * j + l] = if ds != 0.0 {
-                ((v / ds).round().clamp(-32.0, 31.0) as i32 + 32) as u8
+                (round_away(v / ds).clamp(-32.0, 31.0) as i32 + 32) as u8
             } else {
                 32
             };
@@ -440,7 +458,7 @@ impl QActs {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (o, v) in qb.iter_mut().zip(xb) {
-                *o = (v * id).round() as i8;
+                *o = round_away(v * id) as i8;
             }
             d.push(amax / 127.0);
         }
@@ -658,6 +676,31 @@ mod tests {
                 "{q:?}: {got} vs {deq} (exact {exact})"
             );
         }
+    }
+
+    #[test]
+    fn round_away_is_roundf() {
+        let mut v = -300.0f32;
+        while v < 300.0 {
+            for x in [v, v + 0.5, v - 0.5, f32::from_bits(v.to_bits() + 1)] {
+                assert_eq!(round_away(x).to_bits(), x.round().to_bits(), "{x}");
+            }
+            v += 0.123_7;
+        }
+        for x in [
+            0.499_999_97f32,
+            -0.499_999_97,
+            0.5,
+            -0.5,
+            1e9,
+            -1e9,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+        ] {
+            assert_eq!(round_away(x).to_bits(), x.round().to_bits(), "{x}");
+        }
+        assert!(round_away(f32::NAN).is_nan());
     }
 
     #[test]
