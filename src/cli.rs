@@ -39,6 +39,9 @@ enum Command {
     Calibrate(crate::plan::CalibrateArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(crate::serve::ServeArgs),
+    /// Requantize a GGUF file's float weights (q8_0, q4_0, q4_k, q5_k, q6_k) into a new GGUF
+    /// that llama.cpp loads too.
+    Quantize(crate::quantize::QuantizeArgs),
     /// Measure a running server: aggregate tokens/s and time to first token at several
     /// concurrencies.
     BenchServe(crate::bench_serve::BenchServeArgs),
@@ -260,6 +263,7 @@ pub fn run() -> Result<()> {
         Command::Calibrate(a) => crate::plan::cmd_calibrate(a),
         Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::BenchServe(a) => crate::bench_serve::cmd_bench_serve(a),
+        Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Bench(a) => {
             let loaded = load(&a.model.model, &a.cluster)?;
             let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;

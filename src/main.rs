@@ -5,6 +5,7 @@ mod bench_serve;
 mod cli;
 mod cluster;
 mod plan;
+mod quantize;
 mod serve;
 
 use std::process::ExitCode;

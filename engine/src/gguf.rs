@@ -595,6 +595,76 @@ impl Writer {
     }
 }
 
+/// One tensor's directory entry for [`write_streaming`].
+#[derive(Clone, Debug)]
+pub struct TensorEntry {
+    /// Name.
+    pub name: String,
+    /// Block type.
+    pub ty: GgmlType,
+    /// Dimensions, fastest-varying first.
+    pub dims: Vec<usize>,
+    /// Byte length of its data.
+    pub len: usize,
+}
+
+/// Writes a GGUF version 3 file without holding more than one tensor in memory: the header,
+/// `metadata` (any `general.alignment` entry is dropped: data is aligned to 32), the directory of
+/// `entries`, then each tensor's bytes as `data(i)` returns them (exactly `entries[i].len`).
+pub fn write_streaming<W: std::io::Write>(
+    out: &mut W,
+    metadata: &[(String, Value)],
+    entries: &[TensorEntry],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let io = |e: std::io::Error| EngineError::io(Path::new("<gguf output>"), e);
+    let align = DEFAULT_ALIGNMENT as usize;
+    let meta: Vec<&(String, Value)> = metadata
+        .iter()
+        .filter(|(k, _)| k != "general.alignment")
+        .collect();
+    let mut head = Vec::new();
+    head.extend_from_slice(&MAGIC.to_le_bytes());
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (k, v) in meta {
+        put_string(&mut head, k);
+        head.extend_from_slice(&type_id(v).to_le_bytes());
+        put_value(&mut head, v);
+    }
+    let mut offset = 0usize;
+    for e in entries {
+        put_string(&mut head, &e.name);
+        head.extend_from_slice(&(e.dims.len() as u32).to_le_bytes());
+        for d in &e.dims {
+            head.extend_from_slice(&(*d as u64).to_le_bytes());
+        }
+        head.extend_from_slice(&e.ty.id().to_le_bytes());
+        head.extend_from_slice(&(offset as u64).to_le_bytes());
+        offset += e.len.div_ceil(align) * align;
+    }
+    head.resize(head.len().div_ceil(align) * align, 0);
+    out.write_all(&head).map_err(io)?;
+    for (i, e) in entries.iter().enumerate() {
+        let bytes = data(i)?;
+        if bytes.len() != e.len {
+            return Err(EngineError::BadTensor {
+                name: e.name.clone(),
+                msg: format!(
+                    "{} bytes written, the directory says {}",
+                    bytes.len(),
+                    e.len
+                ),
+            });
+        }
+        out.write_all(&bytes).map_err(io)?;
+        let pad = bytes.len().div_ceil(align) * align - bytes.len();
+        out.write_all(&vec![0u8; pad]).map_err(io)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
