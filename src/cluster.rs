@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use moeshard_coordinator::{
-    ClusterExperts, ClusterOptions, DispatchStats, LocalWorkers, LocalWorkersConfig, WorkerInfo,
+    ClusterExperts, ClusterMembership, ClusterMonitor, ClusterOptions, DispatchStats, LocalWorkers,
+    LocalWorkersConfig, WorkerInfo,
 };
 use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{DType, ExpertBackend, LocalExperts, Model, ModelConfig};
@@ -42,6 +43,10 @@ pub(crate) struct WorkerArgs {
     /// outlive it).
     #[arg(long)]
     exit_with_parent: bool,
+    /// `auto`: announce this worker on the local network (mDNS) for coordinators started with
+    /// `--discover`; the announcement is withdrawn on SIGTERM or Ctrl-C.
+    #[arg(long, value_parser = ["auto"])]
+    join: Option<String>,
 }
 
 fn transport(s: &str) -> Result<Transport> {
@@ -73,18 +78,36 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the network runtime")?;
-    runtime.block_on(moeshard_worker::serve(
-        Arc::new(core),
-        a.listen,
-        transport,
-        |addr| {
-            // The one line on stdout: a parent reads the port from it.
-            let mut out = std::io::stdout().lock();
-            let _ = writeln!(out, "{}", listening_line(addr, transport));
-            let _ = out.flush();
-            tracing::info!(%addr, %transport, "worker listening");
-        },
-    ))?;
+    let join = a.join.is_some();
+    let announcement = std::sync::Mutex::new(None);
+    let mut announce_error = None;
+    let serve = moeshard_worker::serve(Arc::new(core), a.listen, transport, |addr| {
+        // The one line on stdout: a parent reads the port from it.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{}", listening_line(addr, transport));
+        let _ = out.flush();
+        tracing::info!(%addr, %transport, "worker listening");
+        if join {
+            match crate::discovery::announce(addr, transport) {
+                Ok(a) => *announcement.lock().unwrap_or_else(|p| p.into_inner()) = Some(a),
+                Err(e) => announce_error = Some(e),
+            }
+        }
+    });
+    runtime.block_on(async {
+        if !join {
+            return serve.await.map_err(anyhow::Error::from);
+        }
+        // Announced workers end on a signal, so the announcement is withdrawn.
+        tokio::select! {
+            r = serve => r.map_err(anyhow::Error::from),
+            _ = crate::discovery::shutdown_signal() => Ok(()),
+        }
+    })?;
+    if let Some(e) = announce_error {
+        return Err(e);
+    }
+    drop(announcement);
     Ok(())
 }
 
@@ -96,8 +119,10 @@ pub(crate) struct ClusterInfo {
     pub workers: Vec<WorkerInfo>,
     /// The wire.
     pub transport: Transport,
-    /// Which host holds which expert (host `workers.len()` is the coordinator's own share).
-    pub placement: moeshard_coordinator::placement::Placement,
+    /// The live view of the workers (for the cluster page).
+    pub monitor: ClusterMonitor,
+    /// Admits and removes workers while the backend runs (discovery).
+    pub membership: ClusterMembership,
 }
 
 impl ClusterInfo {
@@ -215,7 +240,8 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         dispatch: experts.stats(),
         workers: experts.workers(),
         transport,
-        placement: experts.placement().clone(),
+        monitor: experts.monitor(),
+        membership: experts.membership(),
     };
     Ok(Loaded {
         model,

@@ -13,7 +13,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use moeshard_coordinator::serve::{
     ClusterSnapshot, ClusterView, HostStatus, ServeConfig, SingleProcess, serve,
 };
-use moeshard_coordinator::{DispatchStats, WorkerInfo, percentile};
+use moeshard_coordinator::{ClusterMonitor, DispatchStats, percentile};
 use moeshard_engine::tokenizer::Tokenizer;
 
 use crate::cli::{ClusterArgs, ModelArgs};
@@ -53,6 +53,17 @@ pub(crate) struct ServeArgs {
     /// or the folder of a bare config.json given with --synthetic).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Find workers announced on the local network (`moeshard worker --join auto`, mDNS) and
+    /// admit them while serving; workers that leave are removed and their experts re-placed.
+    /// `--workers` may list more (static) ones.
+    #[arg(long, conflicts_with = "local_workers")]
+    discover: bool,
+    /// With --discover: how long to look for workers before serving, in seconds.
+    #[arg(long, default_value_t = 10.0, requires = "discover")]
+    discover_wait: f64,
+    /// With --discover: serve as soon as this many workers (static ones included) are known.
+    #[arg(long, default_value_t = 1, requires = "discover")]
+    min_workers: usize,
 }
 
 /// Progress of the start-up: a bar on a terminal, log lines otherwise.
@@ -163,32 +174,67 @@ fn weight_files(dir: &Path) -> Vec<PathBuf> {
 
 /// The cluster as `--workers` / `--local-workers` set it up.
 struct Workers {
-    workers: Vec<WorkerInfo>,
-    placement: moeshard_coordinator::placement::Placement,
-    transport: String,
+    monitor: ClusterMonitor,
     dispatch: Arc<DispatchStats>,
 }
+
+/// How long the cluster view waits for the workers' counters.
+const STATS_DEADLINE: Duration = Duration::from_secs(2);
 
 impl ClusterView for Workers {
     fn snapshot(&self) -> ClusterSnapshot {
         let lat = self.dispatch.latencies();
         let us = |q| percentile(&lat, q).map(|d| d.as_secs_f64() * 1e6);
-        ClusterSnapshot {
-            mode: "cluster".into(),
-            transport: Some(self.transport.clone()),
-            hosts: self
-                .workers
-                .iter()
-                .enumerate()
-                .map(|(i, w)| HostStatus {
+        let (workers, placement) = self.monitor.layout();
+        let stats = self.monitor.worker_stats(STATS_DEADLINE);
+        let mut hosts: Vec<HostStatus> = workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let st = stats.iter().find(|(a, _)| *a == w.addr).map(|(_, r)| r);
+                HostStatus {
                     name: w.addr.clone(),
                     worker_id: Some(w.worker_id.clone()),
+                    healthy: st.map(Result::is_ok),
                     capacity_bytes: Some(w.capacity),
                     expert_count: w.experts,
-                    experts: Some(self.placement.experts_of(i)),
+                    experts: placement.as_ref().map(|p| p.experts_of(i)),
+                    stats: match st {
+                        Some(Ok(s)) => Some(serde_json::json!({
+                            "batches": s.batches,
+                            "rows": s.rows,
+                            "tokens": s.tokens,
+                            "compute_us": s.compute_us,
+                            "bytes_in": s.bytes_in,
+                            "bytes_out": s.bytes_out,
+                            "hosted_experts": s.hosted_experts,
+                            "hosted_bytes": s.hosted_bytes,
+                            "resident_checkpoint_bytes": s.resident_checkpoint_bytes,
+                        })),
+                        Some(Err(e)) => Some(serde_json::json!({ "error": e })),
+                        None => None,
+                    },
                     ..HostStatus::default()
-                })
-                .collect(),
+                }
+            })
+            .collect();
+        // The coordinator's own share, when it hosts one.
+        if let Some(p) = &placement {
+            let own = p.experts_of(workers.len());
+            if !own.is_empty() {
+                hosts.push(HostStatus {
+                    name: "coordinator".into(),
+                    healthy: Some(true),
+                    expert_count: own.len(),
+                    experts: Some(own),
+                    ..HostStatus::default()
+                });
+            }
+        }
+        ClusterSnapshot {
+            mode: "cluster".into(),
+            transport: Some(self.monitor.transport().to_string()),
+            hosts,
             dispatch_p50_us: us(0.5),
             dispatch_p99_us: us(0.99),
         }
@@ -196,7 +242,49 @@ impl ClusterView for Workers {
 }
 
 /// `moeshard serve`.
-pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
+pub(crate) fn cmd_serve(mut a: ServeArgs) -> Result<()> {
+    // With --discover, the workers announced now join the static ones; later ones are admitted
+    // by the discovery thread.
+    let mut browser = None;
+    let mut announced = Vec::new();
+    if a.discover {
+        if a.cluster.coordinator_capacity.is_some() {
+            anyhow::bail!(
+                "--discover re-places experts as workers come and go; it cannot be combined \
+                 with --coordinator-capacity"
+            );
+        }
+        let transport = a
+            .cluster
+            .transport
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!(e))?;
+        let wait = Duration::try_from_secs_f64(a.discover_wait)
+            .map_err(|_| anyhow::anyhow!("--discover-wait must be a number of seconds"))?;
+        let b = crate::discovery::Browser::start(transport)?;
+        let want = a.min_workers.saturating_sub(a.cluster.workers.len());
+        announced = if want > 0 {
+            b.collect(wait, want)
+        } else {
+            Vec::new()
+        };
+        for w in &announced {
+            tracing::info!(worker = %w.addr, name = %w.fullname, "worker found by mDNS");
+            a.cluster.workers.push(w.addr.to_string());
+        }
+        if a.cluster.workers.len() < a.min_workers {
+            anyhow::bail!(
+                "--discover found {} workers within {:?}; --min-workers asks for {} (are the \
+                 workers started with --join auto and --transport {}, on this network?)",
+                a.cluster.workers.len(),
+                wait,
+                a.min_workers,
+                a.cluster.transport
+            );
+        }
+        browser = Some(b);
+    }
+    let a = a;
     let dir = &a.model.model;
     let single = a.cluster.workers.is_empty() && a.cluster.local_workers == 0;
     let synthetic = a.cluster.synthetic.synthetic;
@@ -233,9 +321,7 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
 
     let cluster: Arc<dyn ClusterView> = match &loaded.cluster {
         Some(c) => Arc::new(Workers {
-            workers: c.workers.clone(),
-            placement: c.placement.clone(),
-            transport: c.transport.to_string(),
+            monitor: c.monitor.clone(),
             dispatch: Arc::clone(&c.dispatch),
         }),
         None => {
@@ -269,6 +355,14 @@ pub(crate) fn cmd_serve(a: ServeArgs) -> Result<()> {
         .with_context(|| format!("listening on {}", a.listen))?;
     // The model and the backend move to the scheduler thread; the rest of `loaded` (local worker
     // processes) lives until the server has stopped.
+    let _discovery = match (browser, &loaded.cluster) {
+        (Some(b), Some(c)) => Some(crate::discovery::Discovery::start(
+            b,
+            c.membership.clone(),
+            announced,
+        )?),
+        _ => None,
+    };
     let model = loaded.model;
     let experts = loaded.experts;
     serve(model, experts, tokenizer, cluster, cfg, listener, |addr| {

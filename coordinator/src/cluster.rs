@@ -7,7 +7,7 @@
 //! index, so the engine's fixed-order combine gives the same bits as a single process.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -79,28 +79,319 @@ struct Worker {
     client: Client,
 }
 
-/// Routed experts on workers, reached over gRPC or QUIC.
-pub struct ClusterExperts {
-    runtime: Option<Runtime>,
-    handle: tokio::runtime::Handle,
+/// Which host holds which expert right now: the workers, the coordinator's own share and the
+/// placement over them. Replaced as a whole when it changes; a step in flight keeps the one it
+/// started with.
+struct Topology {
     workers: Vec<Arc<Worker>>,
     /// The coordinator's own share, host index `workers.len()` of the placement.
-    local: Option<LocalExperts>,
+    local: Option<Arc<LocalExperts>>,
     placement: Placement,
+}
+
+/// What the backend and its monitors share.
+struct Shared {
+    handle: tokio::runtime::Handle,
+    topology: RwLock<Arc<Topology>>,
     hidden_size: usize,
     transport: Transport,
     rpc_timeout: Duration,
     stats: Arc<DispatchStats>,
+    /// What placing again needs.
+    membership: Membership,
+}
+
+/// What re-placing the experts over a changed set of workers needs, kept from `connect`.
+struct Membership {
+    fingerprint: String,
+    moe_layers: Vec<usize>,
+    num_experts: usize,
+    expert_bytes: u64,
+    opts: ClusterOptions,
+    /// One change of the topology at a time.
+    changing: Mutex<()>,
+}
+
+impl Shared {
+    fn topology(&self) -> Arc<Topology> {
+        Arc::clone(&self.topology.read().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Topology {
+    /// The workers with the number of experts the placement gives each.
+    fn infos(&self) -> Vec<WorkerInfo> {
+        let counts = self.placement.counts();
+        self.workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WorkerInfo {
+                experts: counts.get(i).copied().unwrap_or(0),
+                ..w.info.clone()
+            })
+            .collect()
+    }
+}
+
+/// Changes the set of workers of a running [`ClusterExperts`]: admits one (connect, hello,
+/// model check) or removes one, then places the experts over the new set, assigns them and
+/// switches over. A step already under way finishes on the topology it started with: workers
+/// keep what they were assigned before (assignments add up), so its requests stay valid.
+/// Cheap to clone; errors once the backend is gone. Call from a plain thread.
+#[derive(Clone)]
+pub struct ClusterMembership {
+    shared: Weak<Shared>,
+}
+
+impl std::fmt::Debug for ClusterMembership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterMembership").finish_non_exhaustive()
+    }
+}
+
+impl ClusterMembership {
+    fn shared(&self) -> Result<Arc<Shared>> {
+        self.shared.upgrade().ok_or(CoordinatorError::Gone)
+    }
+
+    /// Addresses of the workers now, in placement order.
+    pub fn addrs(&self) -> Vec<String> {
+        match self.shared.upgrade() {
+            Some(s) => s
+                .topology()
+                .workers
+                .iter()
+                .map(|w| w.info.addr.clone())
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// Admits the worker at `addr` (it must answer hello with our protocol and model) and
+    /// re-places the experts to include it. `Ok(false)`: it is already a member.
+    pub fn admit(&self, addr: &str) -> Result<bool> {
+        let s = self.shared()?;
+        let m = &s.membership;
+        let _one = m.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let t = s.topology();
+        if t.workers.iter().any(|w| w.info.addr == addr) {
+            return Ok(false);
+        }
+        let w = s.handle.block_on(hello(addr, &m.fingerprint, &m.opts))?;
+        let mut workers = t.workers.clone();
+        workers.push(Arc::new(w));
+        replace(&s, &t, workers)?;
+        info!(
+            worker = addr,
+            workers = t.workers.len() + 1,
+            "worker admitted"
+        );
+        Ok(true)
+    }
+
+    /// Removes the worker at `addr` and re-places its experts on the others. `Ok(false)`: it
+    /// was not a member. Fails (changing nothing) when it is the last host of experts.
+    pub fn remove(&self, addr: &str) -> Result<bool> {
+        let s = self.shared()?;
+        let _one = s
+            .membership
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let t = s.topology();
+        if !t.workers.iter().any(|w| w.info.addr == addr) {
+            return Ok(false);
+        }
+        let workers: Vec<Arc<Worker>> = t
+            .workers
+            .iter()
+            .filter(|w| w.info.addr != addr)
+            .cloned()
+            .collect();
+        if workers.is_empty() && t.local.is_none() {
+            return Err(CoordinatorError::NoCapacity { hosts: 0 });
+        }
+        replace(&s, &t, workers)?;
+        info!(
+            worker = addr,
+            workers = t.workers.len() - 1,
+            "worker removed"
+        );
+        Ok(true)
+    }
+
+    /// Asks every worker whether it is ready, all at once; `(addr, Err(why))` for those that
+    /// are not or did not answer within `deadline`.
+    pub fn health(&self, deadline: Duration) -> Vec<(String, Result<(), String>)> {
+        let Ok(s) = self.shared() else {
+            return Vec::new();
+        };
+        let workers = s.topology().workers.clone();
+        s.handle.block_on(async move {
+            let tasks: Vec<_> = workers
+                .iter()
+                .map(|w| {
+                    let w = Arc::clone(w);
+                    tokio::spawn(async move {
+                        match with_deadline(deadline, w.client.health()).await {
+                            Ok(h) if h.ready => Ok(()),
+                            Ok(_) => Err("not ready".to_string()),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for (w, t) in workers.iter().zip(tasks) {
+                out.push((
+                    w.info.addr.clone(),
+                    t.await.unwrap_or_else(|e| Err(e.to_string())),
+                ));
+            }
+            out
+        })
+    }
+}
+
+/// Places the experts over `workers` (and the coordinator's own share, whose experts cannot
+/// move), assigns each worker its experts and switches the topology over.
+fn replace(s: &Shared, old: &Topology, workers: Vec<Arc<Worker>>) -> Result<()> {
+    let m = &s.membership;
+    if old.local.is_some() {
+        return Err(CoordinatorError::Membership(
+            "the coordinator hosts a share of the experts itself (--coordinator-capacity), \
+             so the placement cannot change while it runs"
+                .into(),
+        ));
+    }
+    let hosts: Vec<HostCapacity> = workers
+        .iter()
+        .map(|w| HostCapacity {
+            name: w.info.addr.clone(),
+            capacity: w.info.capacity,
+        })
+        .collect();
+    let placement = place(&hosts, &m.moe_layers, m.num_experts, m.expert_bytes)?;
+    s.handle.block_on(async {
+        let tasks: Vec<_> = workers
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !placement.experts_of(*i).is_empty())
+            .map(|(i, w)| {
+                let (w, fp, experts) = (
+                    Arc::clone(w),
+                    m.fingerprint.clone(),
+                    placement.experts_of(i),
+                );
+                let deadline = m.opts.rpc_timeout;
+                let addr = w.info.addr.clone();
+                (
+                    addr,
+                    tokio::spawn(async move { assign(&w, &fp, &experts, deadline).await }),
+                )
+            })
+            .collect();
+        for (addr, t) in tasks {
+            t.await.map_err(|e| CoordinatorError::Call {
+                worker: addr,
+                call: "assign",
+                msg: e.to_string(),
+            })??;
+        }
+        Ok::<_, CoordinatorError>(())
+    })?;
+    let fresh = Arc::new(Topology {
+        workers,
+        local: None,
+        placement,
+    });
+    *s.topology.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+    Ok(())
+}
+
+/// Routed experts on workers, reached over gRPC or QUIC.
+pub struct ClusterExperts {
+    runtime: Option<Runtime>,
+    shared: Arc<Shared>,
+}
+
+/// A read-only view of a [`ClusterExperts`] for status pages: which workers, which experts,
+/// their counters. Cheap to clone; answers (with errors) after the backend is gone.
+#[derive(Clone)]
+pub struct ClusterMonitor {
+    shared: Weak<Shared>,
+    transport: Transport,
+    stats: Arc<DispatchStats>,
+}
+
+impl std::fmt::Debug for ClusterMonitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterMonitor")
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterMonitor {
+    /// The wire in use.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    /// The shared record of dispatch round trips.
+    pub fn stats(&self) -> Arc<DispatchStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// The workers and the placement now (empty once the backend is gone).
+    pub fn layout(&self) -> (Vec<WorkerInfo>, Option<Placement>) {
+        match self.shared.upgrade() {
+            Some(s) => {
+                let t = s.topology();
+                (t.infos(), Some(t.placement.clone()))
+            }
+            None => (Vec::new(), None),
+        }
+    }
+
+    /// Each worker's counters (or why they could not be had), asked of all at once with a
+    /// deadline of `deadline`. Call from a plain thread (or a blocking task), not from async code.
+    pub fn worker_stats(&self, deadline: Duration) -> Vec<(String, Result<StatsResponse, String>)> {
+        let Some(s) = self.shared.upgrade() else {
+            return Vec::new();
+        };
+        let workers = s.topology().workers.clone();
+        s.handle.block_on(async move {
+            let tasks: Vec<_> = workers
+                .iter()
+                .map(|w| {
+                    let w = Arc::clone(w);
+                    tokio::spawn(async move {
+                        with_deadline(deadline, w.client.stats())
+                            .await
+                            .map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            let mut out = Vec::with_capacity(tasks.len());
+            for (w, t) in workers.iter().zip(tasks) {
+                let r = t.await.unwrap_or_else(|e| Err(e.to_string()));
+                out.push((w.info.addr.clone(), r));
+            }
+            out
+        })
+    }
 }
 
 impl std::fmt::Debug for ClusterExperts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let t = self.shared.topology();
         f.debug_struct("ClusterExperts")
             .field(
                 "workers",
-                &self.workers.iter().map(|w| &w.info).collect::<Vec<_>>(),
+                &t.workers.iter().map(|w| &w.info).collect::<Vec<_>>(),
             )
-            .field("transport", &self.transport)
+            .field("transport", &self.shared.transport)
             .finish_non_exhaustive()
     }
 }
@@ -174,6 +465,35 @@ async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<W
         },
         client,
     })
+}
+
+/// Connects to a worker and exchanges hellos, assigning nothing: how `moeshard doctor` checks that
+/// a worker is reachable (through the same connection set-up as the coordinator's, so the same
+/// authentication). The caller compares the protocol version and the model fingerprint.
+pub async fn probe_worker(
+    addr: &str,
+    transport: Transport,
+    timeout: Duration,
+    coordinator_id: &str,
+) -> Result<moeshard_proto::v1::HelloResponse> {
+    let unreachable = |e: CallError| CoordinatorError::Unreachable {
+        worker: addr.to_string(),
+        msg: e.to_string(),
+    };
+    let client = with_deadline(timeout, Client::connect(addr, transport, timeout))
+        .await
+        .map_err(unreachable)?;
+    let req = HelloRequest {
+        protocol_version: PROTOCOL_VERSION,
+        coordinator_id: coordinator_id.to_string(),
+    };
+    with_deadline(timeout, client.hello(req))
+        .await
+        .map_err(|e| CoordinatorError::Call {
+            worker: addr.to_string(),
+            call: "hello",
+            msg: e.to_string(),
+        })
 }
 
 /// Assigns a worker its experts and waits until it reports ready.
@@ -315,12 +635,8 @@ impl ClusterExperts {
             });
         }
         let moe_layers: Vec<usize> = cfg.moe_layers().collect();
-        let placement = place(
-            &hosts,
-            &moe_layers,
-            cfg.num_experts,
-            expert_bytes(cfg, ckpt)?,
-        )?;
+        let expert_bytes = expert_bytes(cfg, ckpt)?;
+        let placement = place(&hosts, &moe_layers, cfg.num_experts, expert_bytes)?;
         for (i, w) in workers.iter_mut().enumerate() {
             w.info.experts = placement.experts_of(i).len();
         }
@@ -377,60 +693,78 @@ impl ClusterExperts {
         }
         Ok(ClusterExperts {
             runtime: Some(runtime),
-            handle,
-            workers,
-            local,
-            placement,
-            hidden_size: cfg.hidden_size,
-            transport: opts.transport,
-            rpc_timeout: opts.rpc_timeout,
-            stats: Arc::new(DispatchStats::default()),
+            shared: Arc::new(Shared {
+                handle,
+                topology: RwLock::new(Arc::new(Topology {
+                    workers,
+                    local: local.map(Arc::new),
+                    placement,
+                })),
+                hidden_size: cfg.hidden_size,
+                transport: opts.transport,
+                rpc_timeout: opts.rpc_timeout,
+                stats: Arc::new(DispatchStats::default()),
+                membership: Membership {
+                    fingerprint,
+                    moe_layers,
+                    num_experts: cfg.num_experts,
+                    expert_bytes,
+                    opts: opts.clone(),
+                    changing: Mutex::new(()),
+                },
+            }),
         })
     }
 
     /// The workers, in placement order.
     pub fn workers(&self) -> Vec<WorkerInfo> {
-        self.workers.iter().map(|w| w.info.clone()).collect()
+        self.shared.topology().infos()
+    }
+
+    /// A handle that admits and removes workers while this backend runs.
+    pub fn membership(&self) -> ClusterMembership {
+        ClusterMembership {
+            shared: Arc::downgrade(&self.shared),
+        }
     }
 
     /// Which host owns which expert (host `workers().len()` is the coordinator's own share).
-    pub fn placement(&self) -> &Placement {
-        &self.placement
+    pub fn placement(&self) -> Placement {
+        self.shared.topology().placement.clone()
     }
 
     /// The wire in use.
     pub fn transport(&self) -> Transport {
-        self.transport
+        self.shared.transport
     }
 
     /// The shared record of dispatch round trips.
     pub fn stats(&self) -> Arc<DispatchStats> {
-        Arc::clone(&self.stats)
+        Arc::clone(&self.shared.stats)
+    }
+
+    /// A view for status pages that does not keep the backend alive.
+    pub fn monitor(&self) -> ClusterMonitor {
+        ClusterMonitor {
+            shared: Arc::downgrade(&self.shared),
+            transport: self.shared.transport,
+            stats: Arc::clone(&self.shared.stats),
+        }
     }
 
     /// Round trips of the dispatches recorded so far (one per MoE layer step with remote rows).
     pub fn dispatch_latencies(&self) -> Vec<Duration> {
-        self.stats.latencies()
+        self.shared.stats.latencies()
     }
 
     /// Forgets the recorded round trips.
     pub fn reset_dispatch_latencies(&self) {
-        self.stats.reset();
+        self.shared.stats.reset();
     }
 
     /// Each worker's counters (or why they could not be had). Call from a plain thread.
     pub fn worker_stats(&self) -> Vec<(String, Result<StatsResponse, String>)> {
-        let deadline = self.rpc_timeout;
-        self.handle.block_on(async {
-            let mut out = Vec::with_capacity(self.workers.len());
-            for w in &self.workers {
-                let r = with_deadline(deadline, w.client.stats())
-                    .await
-                    .map_err(|e| e.to_string());
-                out.push((w.info.addr.clone(), r));
-            }
-            out
-        })
+        self.monitor().worker_stats(self.shared.rpc_timeout)
     }
 }
 
@@ -459,7 +793,8 @@ struct Call {
 }
 
 struct ClusterPending<'a> {
-    cluster: &'a ClusterExperts,
+    shared: &'a Shared,
+    topology: Arc<Topology>,
     layer: usize,
     hidden: &'a [f32],
     rows: &'a [ExpertRow],
@@ -475,7 +810,9 @@ impl ExpertBackend for ClusterExperts {
         hidden: &'a [f32],
         rows: &'a [ExpertRow],
     ) -> moeshard_engine::Result<Box<dyn PendingExperts + 'a>> {
-        let h = self.hidden_size;
+        let shared = &*self.shared;
+        let topology = shared.topology();
+        let h = shared.hidden_size;
         if !hidden.len().is_multiple_of(h) {
             return Err(experts_err(
                 layer,
@@ -484,14 +821,14 @@ impl ExpertBackend for ClusterExperts {
             ));
         }
         let n_tokens = hidden.len() / h;
-        let owners = self.placement.layer(layer).ok_or_else(|| {
+        let owners = topology.placement.layer(layer).ok_or_else(|| {
             experts_err(
                 layer,
                 "cluster",
                 "the layer has no routed experts in the placement",
             )
         })?;
-        let mut by_host: Vec<Vec<usize>> = vec![Vec::new(); self.placement.hosts()];
+        let mut by_host: Vec<Vec<usize>> = vec![Vec::new(); topology.placement.hosts()];
         for (i, r) in rows.iter().enumerate() {
             let Some(&host) = owners.get(r.expert as usize) else {
                 return Err(experts_err(
@@ -511,16 +848,16 @@ impl ExpertBackend for ClusterExperts {
         }
         let started = Instant::now();
         let mut calls = Vec::new();
-        let n_workers = self.workers.len();
+        let n_workers = topology.workers.len();
         for (w, idx) in by_host.iter_mut().enumerate().take(n_workers) {
             if idx.is_empty() {
                 continue;
             }
             let req = batch_request(layer, hidden, h, rows, idx);
             let (tx, rx) = oneshot::channel();
-            let worker = Arc::clone(&self.workers[w]);
-            let deadline = self.rpc_timeout;
-            self.handle.spawn(async move {
+            let worker = Arc::clone(&topology.workers[w]);
+            let deadline = shared.rpc_timeout;
+            shared.handle.spawn(async move {
                 let r = with_deadline(deadline, worker.client.compute(req)).await;
                 // The receiver is gone only when the step was abandoned.
                 let _ = tx.send((r, Instant::now()));
@@ -536,7 +873,8 @@ impl ExpertBackend for ClusterExperts {
             .map(std::mem::take)
             .unwrap_or_default();
         Ok(Box::new(ClusterPending {
-            cluster: self,
+            shared,
+            topology,
             layer,
             hidden,
             rows,
@@ -549,12 +887,13 @@ impl ExpertBackend for ClusterExperts {
 
 impl PendingExperts for ClusterPending<'_> {
     fn wait(self: Box<Self>) -> moeshard_engine::Result<Vec<f32>> {
-        let c = self.cluster;
+        let c = self.shared;
+        let t = &*self.topology;
         let h = c.hidden_size;
         let layer = self.layer;
         let mut out = vec![0f32; self.rows.len() * h];
         if !self.local_rows.is_empty() {
-            let local = c.local.as_ref().ok_or_else(|| {
+            let local = t.local.as_ref().ok_or_else(|| {
                 experts_err(
                     layer,
                     "coordinator",
@@ -569,7 +908,7 @@ impl PendingExperts for ClusterPending<'_> {
         }
         let mut last = None;
         for call in self.calls {
-            let addr = &c.workers[call.worker].info.addr;
+            let addr = &t.workers[call.worker].info.addr;
             let (reply, done) = call.reply.blocking_recv().map_err(|_| {
                 experts_err(
                     layer,

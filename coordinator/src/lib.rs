@@ -13,7 +13,9 @@ pub mod plan;
 pub mod serve;
 pub mod stats;
 
-pub use cluster::{ClusterExperts, ClusterOptions, WorkerInfo};
+pub use cluster::{
+    ClusterExperts, ClusterMembership, ClusterMonitor, ClusterOptions, WorkerInfo, probe_worker,
+};
 pub use local::{LocalWorkers, LocalWorkersConfig};
 pub use moeshard_proto::Transport;
 pub use stats::{DispatchStats, percentile};
@@ -101,6 +103,12 @@ pub enum CoordinatorError {
         /// What failed.
         msg: String,
     },
+    /// The set of workers cannot change as asked.
+    #[error("cannot change the workers: {0}")]
+    Membership(String),
+    /// The expert backend has been dropped.
+    #[error("the expert backend is gone")]
+    Gone,
     /// The network runtime could not be started.
     #[error("cannot start the network runtime: {0}")]
     Runtime(#[source] std::io::Error),

@@ -27,7 +27,7 @@ use super::api::{
     ApiError, ChatRequest, CompletionRequest, Generation, ModelCard, PromptInput, Usage, parse_body,
 };
 use super::cluster_view::ClusterView;
-use super::metrics::Metrics;
+use super::metrics::{Metrics, RecentRequest};
 use super::scheduler::{EVENTS_PER_REQUEST, Finish, SeqEvent, SeqRequest};
 
 /// State shared by the handlers.
@@ -42,6 +42,7 @@ pub(crate) struct App {
     pub cluster: Arc<dyn ClusterView>,
     pub scheduler_alive: Arc<AtomicBool>,
     pub created: u64,
+    pub started: Instant,
     pub next_id: AtomicU64,
 }
 
@@ -67,6 +68,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         ));
     Router::new()
         .merge(v1)
+        .route("/", get(page))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -83,6 +85,7 @@ fn endpoint_label(path: &str) -> &'static str {
         "/v1/cluster" => "cluster",
         "/health" => "health",
         "/metrics" => "metrics",
+        "/" => "page",
         p if p.starts_with("/v1/models/") => "models",
         _ => "other",
     }
@@ -147,6 +150,30 @@ async fn not_found(req: Request) -> Response {
         code: Some("not_found"),
     }
     .into_response()
+}
+
+/// The cluster page: one self-contained file (no external scripts, styles or fonts) that polls
+/// `/v1/cluster`.
+const PAGE: &str = include_str!("page.html");
+
+async fn page() -> Response {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(
+                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+                     connect-src 'self'; img-src data:",
+                ),
+            ),
+        ],
+        PAGE,
+    )
+        .into_response()
 }
 
 async fn health(State(app): AppState) -> Response {
@@ -217,6 +244,7 @@ async fn cluster(State(app): AppState) -> Response {
         }
     }
     let m = &app.metrics;
+    let (moe_layers, num_experts) = m.routing_shape();
     axum::Json(json!({
         "model": app.served_model_name,
         "mode": snapshot.mode,
@@ -227,6 +255,19 @@ async fn cluster(State(app): AppState) -> Response {
         "running_sequences": m.running.load(Ordering::Relaxed),
         "waiting_sequences": m.waiting.load(Ordering::Relaxed),
         "kv_cache_bytes": m.kv_cache_bytes.load(Ordering::Relaxed),
+        "coordinator": {
+            "memory": super::host::memory(),
+            "uptime_s": app.started.elapsed().as_secs_f64(),
+        },
+        "routing": {
+            "moe_layers": moe_layers,
+            "num_experts": num_experts,
+            "rows": m.routed_table(),
+        },
+        "tokens_per_s": m.tokens_per_second(),
+        "generation_tokens_total": m.generation_tokens.load(Ordering::Relaxed),
+        "prompt_tokens_total": m.prompt_tokens.load(Ordering::Relaxed),
+        "recent_requests": m.recent(),
     }))
     .into_response()
 }
@@ -273,6 +314,13 @@ async fn generate(app: Arc<App>, kind: Kind, body: Result<Bytes, BytesRejection>
                 model: app.served_model_name.clone(),
                 kind,
                 include_usage: gen_.include_usage,
+                log: RequestLog {
+                    metrics: Arc::clone(&app.metrics),
+                    arrived,
+                    first_token: None,
+                    stream: gen_.stream,
+                    prompt_tokens,
+                },
             };
             if gen_.stream {
                 stream_response(ctx, rx).into_response()
@@ -436,6 +484,49 @@ struct ResponseCtx {
     model: String,
     kind: Kind,
     include_usage: bool,
+    log: RequestLog,
+}
+
+/// What the list of recent requests needs to know about one.
+struct RequestLog {
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    stream: bool,
+    prompt_tokens: usize,
+}
+
+impl ResponseCtx {
+    fn token_arrived(&mut self) {
+        if self.log.first_token.is_none() {
+            self.log.first_token = Some(Instant::now());
+        }
+    }
+
+    /// Adds the request to the recent ones once it has ended.
+    fn ended(&self, finish: &'static str, completion_tokens: usize) {
+        let l = &self.log;
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        l.metrics.finished(RecentRequest {
+            id: self.id.clone(),
+            endpoint: match self.kind {
+                Kind::Chat => "chat_completions",
+                Kind::Completion => "completions",
+            },
+            stream: l.stream,
+            prompt_tokens: l.prompt_tokens,
+            completion_tokens,
+            finish,
+            duration_ms: ms(l.arrived.elapsed()),
+            ttft_ms: l
+                .first_token
+                .map(|t| ms(t.saturating_duration_since(l.arrived))),
+            ended_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        });
+    }
 }
 
 impl ResponseCtx {
@@ -521,21 +612,38 @@ fn failure(message: String) -> ApiError {
     }
 }
 
-async fn collect_response(ctx: ResponseCtx, mut rx: mpsc::Receiver<SeqEvent>) -> Response {
+async fn collect_response(mut ctx: ResponseCtx, mut rx: mpsc::Receiver<SeqEvent>) -> Response {
     let mut text = String::new();
+    let mut tokens = 0;
     loop {
         match rx.recv().await {
-            Some(SeqEvent::Text { text: t, .. }) => text.push_str(&t),
+            Some(SeqEvent::Text {
+                text: t,
+                tokens: ids,
+            }) => {
+                if !ids.is_empty() {
+                    ctx.token_arrived();
+                }
+                tokens += ids.len();
+                text.push_str(&t)
+            }
             Some(SeqEvent::Done {
                 finish,
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                ctx.ended(finish.as_str(), completion_tokens);
                 let usage = Usage::new(prompt_tokens, completion_tokens);
                 return axum::Json(ctx.full(text, finish, usage)).into_response();
             }
-            Some(SeqEvent::Failed { message }) => return failure(message).into_response(),
-            None => return failure("the scheduler stopped".into()).into_response(),
+            Some(SeqEvent::Failed { message }) => {
+                ctx.ended("error", tokens);
+                return failure(message).into_response();
+            }
+            None => {
+                ctx.ended("error", tokens);
+                return failure("the scheduler stopped".into()).into_response();
+            }
         }
     }
 }
@@ -547,6 +655,8 @@ struct StreamState {
     ended: bool,
     /// No token has been streamed yet.
     first: bool,
+    /// Tokens received so far.
+    tokens: usize,
 }
 
 fn data(v: &Value) -> Event {
@@ -558,6 +668,10 @@ impl StreamState {
     async fn fill(&mut self) -> bool {
         match self.rx.recv().await {
             Some(SeqEvent::Text { text, tokens }) => {
+                if !tokens.is_empty() {
+                    self.ctx.token_arrived();
+                }
+                self.tokens += tokens.len();
                 // The first token always makes a chunk (even one that is not printable yet), so
                 // clients see the time to first token.
                 if !text.is_empty() || (self.first && !tokens.is_empty()) {
@@ -571,6 +685,7 @@ impl StreamState {
                 prompt_tokens,
                 completion_tokens,
             }) => {
+                self.ctx.ended(finish.as_str(), completion_tokens);
                 let last = match self.ctx.kind {
                     Kind::Chat => self.ctx.chunk(false, None, Some(finish)),
                     Kind::Completion => self.ctx.chunk(false, Some(""), Some(finish)),
@@ -584,10 +699,12 @@ impl StreamState {
                 self.ended = true;
             }
             Some(SeqEvent::Failed { message }) => {
+                self.ctx.ended("error", self.tokens);
                 self.pending.push_back(data(&failure(message).body()));
                 self.ended = true;
             }
             None => {
+                self.ctx.ended("error", self.tokens);
                 self.pending
                     .push_back(data(&failure("the scheduler stopped".into()).body()));
                 self.ended = true;
@@ -611,6 +728,7 @@ fn stream_response(
         pending,
         ended: false,
         first: true,
+        tokens: 0,
     };
     let stream = futures::stream::unfold(state, |mut s| async move {
         loop {

@@ -4,13 +4,87 @@
 //! Also [`RoutedBackend`], the expert backend wrapper that counts every `(layer, expert)` row the
 //! forward pass routes and times each MoE layer's dispatch-to-wait round trip.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use moeshard_engine::{ExpertBackend, ExpertRow, PendingExperts};
+use serde::Serialize;
+
+/// Finished requests the cluster page lists.
+pub const RECENT_REQUESTS: usize = 32;
+/// Seconds of generated tokens the tokens/s figure averages over.
+const RATE_WINDOW_SECS: u64 = 10;
+const RATE_SLOTS: usize = 16;
+
+/// One finished request, as the cluster page lists it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RecentRequest {
+    /// The response id (`chatcmpl-...`, `cmpl-...`).
+    pub id: String,
+    /// `chat_completions` or `completions`.
+    pub endpoint: &'static str,
+    /// Streamed as server-sent events.
+    pub stream: bool,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+    /// `stop`, `length` or `error`.
+    pub finish: &'static str,
+    /// From arrival to the last token, milliseconds.
+    pub duration_ms: f64,
+    /// From arrival to the first token, milliseconds (`None`: no token came).
+    pub ttft_ms: Option<f64>,
+    /// When it ended, Unix milliseconds.
+    pub ended_unix_ms: u64,
+}
+
+/// Generated tokens per second of a monotonic clock, in a small ring of one-second slots.
+#[derive(Debug)]
+struct RateWindow {
+    started: Instant,
+    slots: [(u64, u64); RATE_SLOTS],
+}
+
+impl RateWindow {
+    fn new() -> Self {
+        RateWindow {
+            started: Instant::now(),
+            slots: [(u64::MAX, 0); RATE_SLOTS],
+        }
+    }
+
+    fn add(&mut self, now: Instant, n: u64) {
+        let sec = now.saturating_duration_since(self.started).as_secs();
+        let slot = &mut self.slots[(sec % RATE_SLOTS as u64) as usize];
+        if slot.0 != sec {
+            *slot = (sec, 0);
+        }
+        slot.1 += n;
+    }
+
+    /// Tokens per second over the last [`RATE_WINDOW_SECS`] (fewer right after start).
+    fn per_second(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.started);
+        let sec = elapsed.as_secs();
+        let first = sec.saturating_sub(RATE_WINDOW_SECS - 1);
+        let tokens: u64 = self
+            .slots
+            .iter()
+            .filter(|(s, _)| *s != u64::MAX && *s >= first && *s <= sec)
+            .map(|(_, n)| n)
+            .sum();
+        let span = elapsed.as_secs_f64() - first as f64;
+        if span <= 0.0 {
+            0.0
+        } else {
+            tokens as f64 / span.max(1.0)
+        }
+    }
+}
 
 /// Latency buckets in seconds, from sub-millisecond decode steps to minute-long prefills.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -141,6 +215,8 @@ pub struct Metrics {
     /// `routed[i * num_experts + e]`: rows routed to expert `e` of MoE layer `moe_layers[i]`.
     routed: Vec<AtomicU64>,
     layer_index: Vec<Option<usize>>,
+    recent: Mutex<VecDeque<RecentRequest>>,
+    rate: Mutex<RateWindow>,
 }
 
 impl Metrics {
@@ -177,7 +253,58 @@ impl Metrics {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             layer_index,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_REQUESTS)),
+            rate: Mutex::new(RateWindow::new()),
         }
+    }
+
+    /// Counts one generated token (the total and the tokens/s window).
+    pub fn generated(&self) {
+        self.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        self.rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(Instant::now(), 1);
+    }
+
+    /// Generated tokens per second over the last ten seconds.
+    pub fn tokens_per_second(&self) -> f64 {
+        self.rate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .per_second(Instant::now())
+    }
+
+    /// Remembers a finished request (the oldest of [`RECENT_REQUESTS`] is forgotten).
+    pub fn finished(&self, r: RecentRequest) {
+        let mut q = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() == RECENT_REQUESTS {
+            q.pop_front();
+        }
+        q.push_back(r);
+    }
+
+    /// The requests that ended last, newest first.
+    pub fn recent(&self) -> Vec<RecentRequest> {
+        let q = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        q.iter().rev().cloned().collect()
+    }
+
+    /// The MoE layers (indices) and the experts per layer the counts cover.
+    pub fn routing_shape(&self) -> (&[usize], usize) {
+        (&self.moe_layers, self.num_experts)
+    }
+
+    /// Rows routed to every expert, one row of `num_experts` counts per MoE layer.
+    pub fn routed_table(&self) -> Vec<Vec<u64>> {
+        (0..self.moe_layers.len())
+            .map(|i| {
+                self.routed[i * self.num_experts..(i + 1) * self.num_experts]
+                    .iter()
+                    .map(|c| c.load(Ordering::Relaxed))
+                    .collect()
+            })
+            .collect()
     }
 
     /// Counts one HTTP answer.
@@ -473,5 +600,48 @@ mod tests {
         let text = m.render();
         assert!(text.contains("moeshard_expert_routed_tokens_total{layer=\"2\",expert=\"1\"} 2"));
         assert!(!text.contains("layer=\"1\""));
+        assert_eq!(m.routed_table(), vec![vec![0, 0, 0, 0], vec![0, 2, 0, 1]]);
+    }
+
+    #[test]
+    fn token_rate_covers_the_last_seconds_only() {
+        let mut w = RateWindow::new();
+        let t0 = w.started;
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        w.add(at(0.5), 10);
+        w.add(at(1.5), 10);
+        // Two seconds in: 20 tokens over 2 s.
+        assert!((w.per_second(at(2.0)) - 10.0).abs() < 1e-9);
+        w.add(at(12.2), 30);
+        // The first two slots left the window (seconds 4..=13 remain): 30 tokens over 9 s.
+        let r = w.per_second(at(13.0));
+        assert!((r - 30.0 / 9.0).abs() < 1e-9, "{r}");
+        // A slot reused by a later second starts from zero.
+        w.add(at(16.5), 5);
+        w.add(at(0.5 + 16.0 * 2.0), 1);
+        let r = w.per_second(at(32.9));
+        assert!((r - 1.0 / 9.9).abs() < 1e-9, "{r}");
+    }
+
+    #[test]
+    fn recent_requests_are_bounded_and_newest_first() {
+        let m = Metrics::new(1, &[0], 2);
+        for i in 0..RECENT_REQUESTS + 5 {
+            m.finished(RecentRequest {
+                id: format!("r{i}"),
+                endpoint: "completions",
+                stream: false,
+                prompt_tokens: 1,
+                completion_tokens: 1,
+                finish: "stop",
+                duration_ms: 1.0,
+                ttft_ms: None,
+                ended_unix_ms: 0,
+            });
+        }
+        let r = m.recent();
+        assert_eq!(r.len(), RECENT_REQUESTS);
+        assert_eq!(r[0].id, format!("r{}", RECENT_REQUESTS + 4));
+        assert_eq!(r[RECENT_REQUESTS - 1].id, "r5");
     }
 }

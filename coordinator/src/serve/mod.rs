@@ -6,6 +6,9 @@
 //! - [`metrics`]: the `moeshard_*` Prometheus metrics and the routing-counting backend wrapper.
 //! - [`cluster_view`]: what `GET /v1/cluster` shows, filled in by the owner of the backend.
 //! - [`client`]: a minimal blocking HTTP/1.1 client for the tests and `bench-serve`.
+//! - [`host`]: this host's memory, for the cluster page.
+//! - `GET /` is the cluster page (`page.html`, embedded in the binary): it draws what
+//!   `GET /v1/cluster` answers.
 //!
 //! Heavy compute never runs on the async runtime: handlers parse and validate, tokenize on the
 //! blocking pool, then hand the request to the scheduler thread over a bounded queue (its capacity
@@ -16,6 +19,7 @@
 pub mod api;
 pub mod client;
 pub mod cluster_view;
+pub mod host;
 mod http;
 pub mod metrics;
 pub mod scheduler;
@@ -190,6 +194,7 @@ pub fn serve(
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        started: std::time::Instant::now(),
         next_id: std::sync::atomic::AtomicU64::new(1),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -356,7 +356,7 @@ impl Core {
         }
         let tok = seq.sampler.sample(logits);
         seq.generated += 1;
-        metrics.generation_tokens.fetch_add(1, Ordering::Relaxed);
+        metrics.generated();
         match seq.last_token_at {
             None => metrics
                 .time_to_first_token
