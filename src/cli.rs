@@ -45,6 +45,8 @@ enum Command {
     /// Measure a running server: aggregate tokens/s and time to first token at several
     /// concurrencies.
     BenchServe(crate::bench_serve::BenchServeArgs),
+    /// Check this host before it joins a cluster: CPU, memory, disk, clock, peers, cluster key.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 #[derive(Args)]
@@ -264,6 +266,7 @@ pub fn run() -> Result<()> {
         Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::BenchServe(a) => crate::bench_serve::cmd_bench_serve(a),
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
+        Command::Doctor(a) => crate::doctor::cmd_doctor(a),
         Command::Bench(a) => {
             let loaded = load(&a.model.model, &a.cluster)?;
             let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;
