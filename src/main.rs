@@ -4,6 +4,8 @@ mod bench;
 mod bench_serve;
 mod cli;
 mod cluster;
+mod discovery;
+mod doctor;
 mod plan;
 mod quantize;
 mod serve;
