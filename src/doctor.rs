@@ -96,7 +96,12 @@ fn check(name: impl Into<String>, status: Status, detail: impl Into<String>) -> 
 }
 
 fn gib(b: u64) -> String {
-    format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    let (div, unit) = match b {
+        b if b >= 1 << 30 => (1u64 << 30, "GiB"),
+        b if b >= 1 << 20 => (1 << 20, "MiB"),
+        _ => (1 << 10, "KiB"),
+    };
+    format!("{:.1} {unit}", b as f64 / div as f64)
 }
 
 /// The kernel paths this CPU runs and the one the engine will use.

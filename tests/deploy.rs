@@ -192,3 +192,49 @@ fn every_command_line_in_deploy_parses() {
         assert!(out.status.success(), "{a:?}: {}", text(&out));
     }
 }
+
+/// The resources in deploy/k8s follow the plan of deploy/k8s/plan-cluster.toml: each worker's
+/// --capacity holds its planned experts.
+#[test]
+fn the_worker_capacity_covers_the_plan() {
+    let out = run(
+        env!("CARGO_BIN_EXE_moeshard"),
+        &[
+            "plan",
+            "--model",
+            &Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/configs/qwen3-235b-a22b.json")
+                .display()
+                .to_string(),
+            "--cluster",
+            &deploy().join("k8s/plan-cluster.toml").display().to_string(),
+            "--quant",
+            "q4_k",
+            "--concurrency",
+            "16",
+            "--json",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text_ = plan.to_string();
+    // The experts of every node together, spread over the four workers.
+    let total: f64 = plan["nodes"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no nodes in {text_}"))
+        .iter()
+        .map(|n| n["expert_bytes"].as_f64().unwrap_or_else(|| panic!("{n}")))
+        .sum();
+    let workers = std::fs::read_to_string(deploy().join("k8s/workers.yaml")).unwrap();
+    let capacity: f64 = workers
+        .split("- --capacity")
+        .nth(1)
+        .and_then(|rest| rest.split('"').nth(1))
+        .and_then(|v| v.parse().ok())
+        .expect("--capacity in workers.yaml");
+    assert!(
+        4.0 * capacity >= total,
+        "4 x {capacity} < {total} bytes of experts"
+    );
+    assert!(4.0 * capacity < 1.25 * total, "capacity far above the plan");
+}
