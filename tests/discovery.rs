@@ -187,10 +187,12 @@ fn host_names(v: &Value) -> Vec<String> {
 }
 
 fn wait_hosts(net: &Net, base: &str, want: &[String], within: Duration) -> Value {
-    let deadline = Instant::now() + within;
+    let started = Instant::now();
+    let deadline = started + within;
     loop {
         let v = cluster(net, base);
         if host_names(&v) == want {
+            eprintln!("hosts {want:?} after {:?}", started.elapsed());
             return v;
         }
         assert!(
