@@ -55,7 +55,7 @@ fn host_label() -> String {
         .trim()
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-        .take(40)
+        .take(30)
         .collect();
     if label.is_empty() {
         "host".into()
@@ -70,7 +70,9 @@ pub(crate) fn announce(addr: SocketAddr, transport: Transport) -> Result<Announc
     let daemon = daemon()?;
     let label = host_label();
     let instance = format!("moeshard-{label}-{}-{}", addr.port(), std::process::id());
-    let host = format!("{label}.local.");
+    // A host name of its own: workers sharing one (containers of one image, namespaces of one
+    // machine) would share its address records, and one's goodbye would withdraw the other's.
+    let host = format!("{instance}.local.");
     let version = PROTOCOL_VERSION.to_string();
     let props = [("transport", transport.name()), ("proto", version.as_str())];
     let info = if addr.ip().is_unspecified() {

@@ -297,7 +297,7 @@ fn workers_join_and_leave_a_serving_coordinator_across_namespaces() {
         &net,
         &base,
         std::slice::from_ref(&a1),
-        Duration::from_secs(15),
+        Duration::from_secs(30),
     );
     assert_eq!(v["hosts"][0]["expert_count"], 10);
     assert_eq!(greedy(&net, &base), alone, "same output after a leave");
