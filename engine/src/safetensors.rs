@@ -404,7 +404,12 @@ impl Checkpoint {
             .quantize
             .and_then(|q| q.target(name, t.dtype(), t.shape()))
         {
-            Some(q) => quantize_tensor(&t, q),
+            Some(q) => {
+                let out = quantize_tensor(&t, q)?;
+                // The float original is no longer needed: keep resident only the quantized copy.
+                t.release_pages();
+                Ok(out)
+            }
             None => Ok(t),
         }
     }

@@ -301,6 +301,21 @@ impl Tensor {
         self.bytes.as_slice()
     }
 
+    /// Drops this tensor's pages from the process's resident set (a mapped tensor whose contents
+    /// were copied elsewhere, e.g. quantized on load). The pages stay in the page cache, and a
+    /// later read faults them back in with the same contents: the file is mapped read-only.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        if let Bytes::Mapped { map, start, len } = &self.bytes {
+            // SAFETY: the map is read-only and backed by an unchanging file, so MADV_DONTNEED only
+            // drops page-table entries; any later access (by this or an overlapping tensor) reads
+            // the same bytes again.
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
+            };
+        }
+    }
+
     /// Whether the bytes come from a memory map (not copied).
     pub fn is_mapped(&self) -> bool {
         matches!(self.bytes, Bytes::Mapped { .. })
