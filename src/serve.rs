@@ -307,7 +307,27 @@ pub(crate) fn cmd_serve(mut a: ServeArgs) -> Result<()> {
     } else {
         "loading the dense model and setting up the workers"
     });
-    let loaded = crate::cli::load(dir, &a.cluster)?;
+    // An announced worker that fails its hello (another model, another protocol) is skipped,
+    // not fatal: announcements prove nothing. A static one that fails is an error.
+    let mut cluster = a.cluster.clone();
+    let loaded = loop {
+        match crate::cli::load(dir, &cluster) {
+            Ok(l) => break l,
+            Err(e) => {
+                let msg = format!("{e:#}");
+                let bad = announced
+                    .iter()
+                    .position(|w| msg.contains(&w.addr.to_string()));
+                let Some(i) = bad else { return Err(e) };
+                let bad = announced.remove(i).addr.to_string();
+                tracing::warn!(worker = %bad, "skipping an announced worker: {msg}");
+                cluster.workers.retain(|w| *w != bad);
+                if cluster.workers.is_empty() {
+                    return Err(e.context("no announced worker could be admitted"));
+                }
+            }
+        }
+    };
     progress.done_step();
     progress.stage("loading the tokenizer");
     let tokenizer = Tokenizer::from_dir(tokenizer_dir).with_context(|| {

@@ -88,11 +88,16 @@ impl Drop for Proc {
     }
 }
 
-fn fixture() -> String {
+fn fixture_named(name: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/qwen3_moe_tiny")
+        .join("tests/fixtures")
+        .join(name)
         .display()
         .to_string()
+}
+
+fn fixture() -> String {
+    fixture_named("qwen3_moe_tiny")
 }
 
 /// Runs moeshard in namespace `ns`; waits for the stdout line starting with `prefix`.
@@ -122,12 +127,16 @@ fn start_in(ns: &str, args: &[&str], prefix: &'static str) -> Proc {
 }
 
 fn worker(net: &Net, host: &str) -> Proc {
+    worker_of(net, host, &fixture())
+}
+
+fn worker_of(net: &Net, host: &str, model: &str) -> Proc {
     start_in(
         &net.ns(host),
         &[
             "worker",
             "--model",
-            &fixture(),
+            model,
             "--listen",
             "0.0.0.0:0",
             "--transport",
@@ -232,6 +241,10 @@ fn workers_join_and_leave_a_serving_coordinator_across_namespaces() {
     let net = Net::up();
     let w1 = worker(&net, "w1");
     let a1 = reach(&w1.line, 2);
+    // A worker of another model announces itself too: its hello fails, so it is never admitted
+    // (an announcement proves nothing), and the coordinator serves without it.
+    let stranger = worker_of(&net, "w2", &fixture_named("mixtral_tiny"));
+    let stranger_addr = reach(&stranger.line, 3);
     let coord = start_in(
         &net.ns("c"),
         &[
@@ -245,6 +258,8 @@ fn workers_join_and_leave_a_serving_coordinator_across_namespaces() {
             "--discover",
             "--discover-wait",
             "30",
+            "--min-workers",
+            "2",
         ],
         "listening on ",
     );
@@ -323,6 +338,8 @@ fn workers_join_and_leave_a_serving_coordinator_across_namespaces() {
     );
     eprintln!("a killed worker was removed after {:?}", started.elapsed());
     assert_eq!(greedy(&net, &base), alone, "same output after a crash");
+    assert!(!cluster(&net, &base).to_string().contains(&stranger_addr));
     drop(coord);
     drop(w1);
+    drop(stranger);
 }
