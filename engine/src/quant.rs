@@ -145,7 +145,7 @@ pub(crate) fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
 
 /// The 6-bit unsigned quants of a `Q6_K` block, element order.
 #[inline(always)]
-fn q6_values(blk: &[u8]) -> [u8; 256] {
+pub(crate) fn q6_values(blk: &[u8]) -> [u8; 256] {
     let (ql, qh) = (&blk[..128], &blk[128..192]);
     let mut q = [0u8; 256];
     for h in 0..2 {
@@ -162,7 +162,7 @@ fn q6_values(blk: &[u8]) -> [u8; 256] {
 
 /// The 4- or 5-bit unsigned quants of a `Q4_K`/`Q5_K` block's data part, element order.
 #[inline(always)]
-fn k45_values(qs: &[u8], qh: Option<&[u8]>) -> [u8; 256] {
+pub(crate) fn k45_values(qs: &[u8], qh: Option<&[u8]>) -> [u8; 256] {
     let mut q = [0u8; 256];
     for c in 0..4 {
         for l in 0..32 {
@@ -564,7 +564,7 @@ pub(crate) fn k_fold(acc: &[f32; 4]) -> f32 {
 
 /// The signed 8-bit weights of a 32-element block (`Q8_0` or `Q4_0`) and its scale.
 #[inline(always)]
-fn block32_values(q: QType, blk: &[u8]) -> ([i8; 32], f32) {
+pub(crate) fn block32_values(q: QType, blk: &[u8]) -> ([i8; 32], f32) {
     let mut w = [0i8; 32];
     match q {
         QType::Q8_0 => {

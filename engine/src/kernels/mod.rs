@@ -36,6 +36,9 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;
 
+#[cfg(any(all(target_arch = "aarch64", target_feature = "neon"), test))]
+mod quant_neon;
+
 // The NEON path is compiled on aarch64 and, for its unit tests only, on other targets against a
 // small software emulation of the four intrinsics it uses.
 #[cfg(any(all(target_arch = "aarch64", target_feature = "neon"), test))]
@@ -281,6 +284,13 @@ fn quant_tile(path: Path, q: QType, row: &[u8], acts: &QActs, t0: usize, out: &m
         #[cfg(target_arch = "x86_64")]
         // SAFETY: both x86 paths imply AVX2, FMA and F16C (checked by the public entry point).
         Path::Avx2 | Path::Avx512 => unsafe { quant_x86::dot_tile(q, row, acts, t0, out) },
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        Path::Neon => {
+            for (i, o) in out.iter_mut().enumerate() {
+                let (xq, xd, s16) = acts.token(t0 + i);
+                *o = quant_neon::dot_row(q, row, xq, xd, s16);
+            }
+        }
         _ => {
             for (i, o) in out.iter_mut().enumerate() {
                 let (xq, xd, s16) = acts.token(t0 + i);
