@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 
-use crate::config::ModelConfig;
+use crate::config::{Arch, ExpertAct, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels;
 use crate::safetensors::Checkpoint;
@@ -53,6 +53,29 @@ pub struct ExpertWeights {
     pub up_proj: Tensor,
     /// `[hidden, moe_intermediate]`
     pub down_proj: Tensor,
+    /// Biases of gate, up and down (GPT-OSS).
+    pub biases: Option<ExpertBiases>,
+    /// The gated activation.
+    pub act: ExpertAct,
+}
+
+/// The projection biases of one expert.
+#[derive(Clone, Debug)]
+pub struct ExpertBiases {
+    /// `[moe_intermediate]`
+    pub gate: Vec<f32>,
+    /// `[moe_intermediate]`
+    pub up: Vec<f32>,
+    /// `[hidden]`
+    pub down: Vec<f32>,
+}
+
+fn add_bias(y: &mut [f32], b: &[f32]) {
+    for row in y.chunks_exact_mut(b.len()) {
+        for (v, bb) in row.iter_mut().zip(b) {
+            *v += bb;
+        }
+    }
 }
 
 impl ExpertWeights {
@@ -69,8 +92,25 @@ impl ExpertWeights {
         let mut u = vec![0f32; n * inter];
         kernels::matmul(self.gate_proj.mat(), inter, hidden, x, n, &mut g);
         kernels::matmul(self.up_proj.mat(), inter, hidden, x, n, &mut u);
-        kernels::silu_mul(&mut g, &u);
+        if let Some(b) = &self.biases {
+            add_bias(&mut g, &b.gate);
+            add_bias(&mut u, &b.up);
+        }
+        match self.act {
+            ExpertAct::SiluMul => kernels::silu_mul(&mut g, &u),
+            ExpertAct::ClampedSwiGlu { alpha, limit } => {
+                for (gv, &uv) in g.iter_mut().zip(&u) {
+                    let gate = gv.min(limit);
+                    let up = uv.clamp(-limit, limit);
+                    let glu = gate * crate::layers::sigmoid(gate * alpha);
+                    *gv = (up + 1.0) * glu;
+                }
+            }
+        }
         kernels::matmul(self.down_proj.mat(), hidden, inter, &g, n, out);
+        if let Some(b) = &self.biases {
+            add_bias(out, &b.down);
+        }
         for (row, &w) in out.chunks_exact_mut(hidden).zip(weights) {
             for v in row {
                 *v *= w;
@@ -86,12 +126,88 @@ pub fn load_expert(
     layer: usize,
     e: usize,
 ) -> Result<ExpertWeights> {
+    if cfg.arch == Arch::GptOss {
+        return load_fused_expert(cfg, ckpt, layer, e);
+    }
     let names = cfg.expert_tensor_names(layer, e);
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     Ok(ExpertWeights {
         gate_proj: ckpt.get_shaped(&names.gate_proj, &[i, h])?,
         up_proj: ckpt.get_shaped(&names.up_proj, &[i, h])?,
         down_proj: ckpt.get_shaped(&names.down_proj, &[h, i])?,
+        biases: None,
+        act: cfg.expert_act,
+    })
+}
+
+/// GPT-OSS keeps all experts of a layer in fused tensors: `gate_up_proj` `[E, H, 2I]` (used as
+/// `x @ W`, gate and up interleaved in the columns: even gate, odd up) with `gate_up_proj_bias`
+/// `[E, 2I]`, and `down_proj` `[E, I, H]` with `down_proj_bias` `[E, H]`; or, natively, the
+/// weights as MXFP4 `_blocks`/`_scales` laid out `[E, out, in]` (rows interleaved the same way).
+/// Expert `e` is cut out into `[out, in]` f32 matrices.
+fn load_fused_expert(
+    cfg: &ModelConfig,
+    ckpt: &Checkpoint,
+    layer: usize,
+    e: usize,
+) -> Result<ExpertWeights> {
+    let (h, i, ne) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let p = format!("{}.experts", cfg.moe_prefix(layer));
+    let gu_name = format!("{p}.gate_up_proj");
+    let down_name = format!("{p}.down_proj");
+    // gate_up as [2I, H] rows (row 2j gate j, row 2j+1 up j) and down as [H, I].
+    let (gate_up, down) = if ckpt.contains(&format!("{gu_name}_blocks")) {
+        (
+            crate::mxfp4::load_expert(ckpt, &gu_name, e, ne, 2 * i, h)?,
+            crate::mxfp4::load_expert(ckpt, &down_name, e, ne, h, i)?,
+        )
+    } else {
+        let gu = ckpt.get_shaped(&gu_name, &[ne, h, 2 * i])?;
+        let dn = ckpt.get_shaped(&down_name, &[ne, i, h])?;
+        let mut gu_t = vec![0f32; 2 * i * h];
+        let mut row = vec![0f32; 2 * i];
+        for r in 0..h {
+            gu.row_to_f32(e * h + r, &mut row);
+            for (c, &v) in row.iter().enumerate() {
+                gu_t[c * h + r] = v;
+            }
+        }
+        let mut dn_t = vec![0f32; h * i];
+        let mut row = vec![0f32; h];
+        for r in 0..i {
+            dn.row_to_f32(e * i + r, &mut row);
+            for (c, &v) in row.iter().enumerate() {
+                dn_t[c * i + r] = v;
+            }
+        }
+        (gu_t, dn_t)
+    };
+    let mut gate = Vec::with_capacity(i * h);
+    let mut up = Vec::with_capacity(i * h);
+    for (j, row) in gate_up.chunks_exact(h).enumerate() {
+        if j % 2 == 0 {
+            gate.extend_from_slice(row);
+        } else {
+            up.extend_from_slice(row);
+        }
+    }
+    let gub = ckpt.get_shaped(&format!("{gu_name}_bias"), &[ne, 2 * i])?;
+    let mut gu_bias = vec![0f32; 2 * i];
+    gub.row_to_f32(e, &mut gu_bias);
+    let db = ckpt.get_shaped(&format!("{down_name}_bias"), &[ne, h])?;
+    let mut down_bias = vec![0f32; h];
+    db.row_to_f32(e, &mut down_bias);
+    let name = |what: &str| format!("{p}.{e}.{what}");
+    Ok(ExpertWeights {
+        gate_proj: Tensor::from_f32(&name("gate_proj"), vec![i, h], &gate),
+        up_proj: Tensor::from_f32(&name("up_proj"), vec![i, h], &up),
+        down_proj: Tensor::from_f32(&name("down_proj"), vec![h, i], &down),
+        biases: Some(ExpertBiases {
+            gate: gu_bias.iter().step_by(2).copied().collect(),
+            up: gu_bias.iter().skip(1).step_by(2).copied().collect(),
+            down: down_bias,
+        }),
+        act: cfg.expert_act,
     })
 }
 
@@ -104,6 +220,27 @@ pub fn stored_bytes(
 ) -> Result<u64> {
     let mut total = 0u64;
     for (l, e) in experts {
+        if cfg.arch == Arch::GptOss {
+            // An expert's share of the fused tensors (weights, or MXFP4 blocks and scales, and
+            // biases).
+            let p = format!("{}.experts", cfg.moe_prefix(l));
+            let mut bytes = 0u64;
+            for base in ["gate_up_proj", "down_proj"] {
+                for suffix in ["", "_blocks", "_scales", "_bias"] {
+                    if let Some((_, info)) = ckpt.info(&format!("{p}.{base}{suffix}")) {
+                        bytes += info.len as u64;
+                    }
+                }
+            }
+            if bytes == 0 {
+                return Err(EngineError::MissingTensor {
+                    name: format!("{p}.gate_up_proj"),
+                    dir: ckpt.dir().to_path_buf(),
+                });
+            }
+            total += bytes / cfg.num_experts as u64;
+            continue;
+        }
         let names = cfg.expert_tensor_names(l, e);
         for name in [&names.gate_proj, &names.up_proj, &names.down_proj] {
             let (_, len) = ckpt

@@ -1,5 +1,6 @@
 //! The dense building blocks: linear layers, RMSNorm, rotary embeddings, SwiGLU MLP.
 
+use crate::config::RopeScaling;
 use crate::error::{EngineError, Result};
 use crate::kernels;
 use crate::safetensors::Checkpoint;
@@ -99,22 +100,98 @@ pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
-/// Default (non-interleaved, "rotate half") rotary embedding tables.
+/// Rotary embedding: frequencies (plain or YaRN), a cos/sin factor, and the pair layout.
 #[derive(Clone, Debug)]
 pub struct Rope {
     inv_freq: Vec<f32>,
+    /// YaRN's `attention_factor`, multiplied into cos and sin (1 otherwise).
+    scale: f32,
+    /// Pairs are adjacent elements (DeepSeek) rather than the two halves of a head.
+    interleaved: bool,
+}
+
+/// YaRN's magnitude correction `0.1 * m * ln(s) + 1` (1 when not extending).
+pub fn yarn_mscale(scale: f64, m: f64) -> f64 {
+    if scale <= 1.0 {
+        1.0
+    } else {
+        0.1 * m * scale.ln() + 1.0
+    }
 }
 
 impl Rope {
-    /// Frequencies for a head width of `dim` and base `theta`.
+    /// Default ("rotate half") rope for a head width of `dim` and base `theta`.
     pub fn new(dim: usize, theta: f64) -> Self {
         let inv_freq = (0..dim / 2)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / dim as f64)) as f32)
             .collect();
-        Rope { inv_freq }
+        Rope {
+            inv_freq,
+            scale: 1.0,
+            interleaved: false,
+        }
+    }
+
+    /// Rope over `dim` dimensions as the config describes it (transformers'
+    /// `_compute_yarn_parameters` for YaRN, computed in f32 as torch does).
+    pub fn from_config(dim: usize, theta: f64, scaling: &RopeScaling, interleaved: bool) -> Self {
+        let mut rope = match *scaling {
+            RopeScaling::Default => Rope::new(dim, theta),
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: omax,
+                beta_fast,
+                beta_slow,
+                mscale,
+                mscale_all_dim,
+                attention_factor,
+                truncate,
+            } => {
+                let attention_factor =
+                    attention_factor.unwrap_or_else(|| match (mscale, mscale_all_dim) {
+                        (Some(m), Some(ma)) => yarn_mscale(factor, m) / yarn_mscale(factor, ma),
+                        _ => yarn_mscale(factor, 1.0),
+                    });
+                let d = dim as f64;
+                let correction_dim = |rot: f64| {
+                    d * (omax / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln())
+                };
+                let (mut low, mut high) = (correction_dim(beta_fast), correction_dim(beta_slow));
+                if truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let mut high = high.min(d - 1.0);
+                if low == high {
+                    high += 0.001;
+                }
+                let (low32, span32) = (low as f32, (high - low) as f32);
+                let factor32 = factor as f32;
+                let inv_freq = (0..dim / 2)
+                    .map(|i| {
+                        let pos_freq = theta.powf(f64::from((2 * i) as f32 / dim as f32)) as f32;
+                        let extrapolation = 1.0 / pos_freq;
+                        let interpolation = 1.0 / (factor32 * pos_freq);
+                        let ramp = ((i as f32 - low32) / span32).clamp(0.0, 1.0);
+                        let extra = 1.0 - ramp;
+                        interpolation * (1.0 - extra) + extrapolation * extra
+                    })
+                    .collect();
+                Rope {
+                    inv_freq,
+                    scale: attention_factor as f32,
+                    interleaved: false,
+                }
+            }
+        };
+        rope.interleaved = interleaved;
+        rope
     }
 
     /// Rotates every `2 * inv_freq.len()`-wide head of `x` (one token) for position `pos`.
+    /// Interleaved pairs come out in the "halves" layout (as transformers returns them): keys and
+    /// queries share the layout, so their dot products are unchanged.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.inv_freq.len();
         let (cos, sin): (Vec<f32>, Vec<f32>) = self
@@ -122,10 +199,18 @@ impl Rope {
             .iter()
             .map(|f| {
                 let a = pos as f32 * f;
-                (a.cos(), a.sin())
+                (a.cos() * self.scale, a.sin() * self.scale)
             })
             .unzip();
+        let mut pairs = vec![0f32; 2 * half];
         for head in x.chunks_exact_mut(2 * half) {
+            if self.interleaved {
+                for i in 0..half {
+                    pairs[i] = head[2 * i];
+                    pairs[half + i] = head[2 * i + 1];
+                }
+                head.copy_from_slice(&pairs);
+            }
             let (a, b) = head.split_at_mut(half);
             for i in 0..half {
                 let (x1, x2) = (a[i], b[i]);

@@ -2,14 +2,18 @@
 //! coordinator and the workers share.
 
 pub mod config;
+pub mod deltanet;
 pub mod error;
 pub mod experts;
 pub mod fingerprint;
+pub mod fp8;
 pub mod generate;
 pub mod gguf;
 pub mod kernels;
 pub mod layers;
+pub mod mla;
 pub mod model;
+pub mod mxfp4;
 pub mod npy;
 pub mod quant;
 pub mod routing;

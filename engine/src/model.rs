@@ -1,5 +1,8 @@
 //! The decoder of the supported MoE architectures, following transformers' `modeling_qwen3_moe.py`,
-//! `modeling_qwen2_moe.py` and `modeling_mixtral.py`.
+//! `modeling_qwen2_moe.py`, `modeling_mixtral.py`, `modeling_deepseek_v3.py` (multi-head latent
+//! attention: see [`crate::mla`]), `modeling_gpt_oss.py` (sinks, sliding layers; fused experts in
+//! [`crate::experts`]) and `modeling_qwen3_5_moe.py` / `modeling_qwen3_next.py` (linear attention:
+//! see [`crate::deltanet`]).
 //!
 //! The model holds the dense part (embeddings, attention, norms, routers, shared experts, LM head);
 //! routed experts are computed by an [`ExpertBackend`], in this process or on workers.
@@ -8,11 +11,13 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use crate::config::{Arch, MlpKind, ModelConfig};
+use crate::config::{Arch, MlpKind, ModelConfig, RouterKind};
+use crate::deltanet::GatedDeltaNet;
 use crate::error::{EngineError, Result};
 use crate::experts::{ExpertBackend, ExpertRow};
 use crate::kernels;
 use crate::layers::{Linear, Mlp, Rope, load_vec, rms_norm, sigmoid, softmax_inplace};
+use crate::mla::MlaAttention;
 use crate::routing::RoutingRule;
 use crate::safetensors::Checkpoint;
 use crate::tensor::Tensor;
@@ -32,6 +37,20 @@ pub struct Attention {
     pub q_norm: Option<Vec<f32>>,
     /// Per-head key RMSNorm (Qwen3).
     pub k_norm: Option<Vec<f32>>,
+    /// Per-head sink logits (GPT-OSS): an extra softmax entry with no value.
+    pub sinks: Option<Vec<f32>>,
+}
+
+/// A layer's token mixer.
+#[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per layer, built once
+pub enum Mixer {
+    /// Multi-head (grouped-query) attention with a key/value cache.
+    Attention(Attention),
+    /// DeepSeek's multi-head latent attention; the cache holds the latent and the rope key.
+    Mla(MlaAttention),
+    /// Gated DeltaNet linear attention; the cache holds its fixed-size state.
+    Linear(GatedDeltaNet),
 }
 
 /// The routed part of a MoE layer that lives with the dense model.
@@ -39,7 +58,9 @@ pub struct Attention {
 pub struct SparseMoe {
     /// Router `[num_experts, hidden]`.
     pub gate: Linear,
-    /// Shared expert (Qwen2-MoE).
+    /// DeepSeek-V3's `e_score_correction_bias`: added to the scores only to choose experts.
+    pub e_score_correction_bias: Option<Vec<f32>>,
+    /// Shared expert (Qwen2-MoE `shared_expert`, DeepSeek-V3 `shared_experts`).
     pub shared_expert: Option<Mlp>,
     /// Shared expert's sigmoid gate `[1, hidden]`.
     pub shared_expert_gate: Option<Linear>,
@@ -61,7 +82,7 @@ pub struct DecoderLayer {
     /// Norm before attention.
     pub input_layernorm: Vec<f32>,
     /// Attention.
-    pub self_attn: Attention,
+    pub self_attn: Mixer,
     /// Norm before the MLP.
     pub post_attention_layernorm: Vec<f32>,
     /// MLP.
@@ -84,25 +105,43 @@ pub struct Model {
     router: RoutingRule,
 }
 
-/// Key/value cache of one sequence.
+/// Key/value cache of one sequence. Layer `l` holds two row streams, `k[l]` and `v[l]`, of
+/// widths `widths[l]`: keys and values for attention layers, the compressed latent and the rope
+/// key for multi-head latent attention. Sliding-window layers keep only the positions a later
+/// query can still see: their first stored row is position `starts[l]`.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    pub(crate) k: Vec<Vec<f32>>,
+    pub(crate) v: Vec<Vec<f32>>,
+    starts: Vec<usize>,
     len: usize,
     max_len: usize,
-    kv_width: usize,
+    widths: Vec<(usize, usize)>,
 }
 
 impl KvCache {
     /// An empty cache for up to `max_len` positions.
     pub fn new(cfg: &ModelConfig, max_len: usize) -> Self {
+        let kv = cfg.num_key_value_heads * cfg.head_dim;
+        let width = match cfg.mla {
+            Some(m) => (m.kv_lora_rank, m.qk_rope_head_dim),
+            None => (kv, kv),
+        };
+        // Linear-attention layers keep a fixed state (conv inputs in `k`, the recurrent state in
+        // `v`), nothing per position.
+        let widths = (0..cfg.num_hidden_layers)
+            .map(|l| match &cfg.linear_attn {
+                Some((_, linear)) if linear[l] => (0, 0),
+                _ => width,
+            })
+            .collect();
         KvCache {
             k: vec![Vec::new(); cfg.num_hidden_layers],
             v: vec![Vec::new(); cfg.num_hidden_layers],
+            starts: vec![0; cfg.num_hidden_layers],
             len: 0,
             max_len,
-            kv_width: cfg.num_key_value_heads * cfg.head_dim,
+            widths,
         }
     }
 
@@ -123,18 +162,12 @@ impl KvCache {
 
     /// Bytes in use.
     pub fn bytes(&self) -> usize {
-        2 * self.k.len() * self.len * self.kv_width * 4
+        self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>() * 4
     }
 
-    /// Forgets positions from `len` on.
-    pub fn truncate(&mut self, len: usize) {
-        if len < self.len {
-            for l in 0..self.k.len() {
-                self.k[l].truncate(len * self.kv_width);
-                self.v[l].truncate(len * self.kv_width);
-            }
-            self.len = len;
-        }
+    /// Elements stored per position, summed over layers.
+    pub fn elems_per_token(&self) -> usize {
+        self.widths.iter().map(|(a, b)| a + b).sum()
     }
 }
 
@@ -200,21 +233,46 @@ impl Model {
         for i in 0..cfg.num_hidden_layers {
             let p = cfg.layer_prefix(i);
             let a = format!("{p}.self_attn");
-            let self_attn = Attention {
-                q_proj: Linear::load(ckpt, &format!("{a}.q_proj"), nh * hd, h, cfg.qkv_bias)?,
-                k_proj: Linear::load(ckpt, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                v_proj: Linear::load(ckpt, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
-                o_proj: Linear::load(ckpt, &format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
-                q_norm: if cfg.qk_norm {
-                    Some(load_vec(ckpt, &format!("{a}.q_norm.weight"), hd)?)
-                } else {
-                    None
-                },
-                k_norm: if cfg.qk_norm {
-                    Some(load_vec(ckpt, &format!("{a}.k_norm.weight"), hd)?)
-                } else {
-                    None
-                },
+            let linear = cfg
+                .linear_attn
+                .as_ref()
+                .filter(|(_, linear)| linear[i])
+                .map(|(d, _)| *d);
+            let q_rows = if cfg.attn_output_gate {
+                2 * nh * hd
+            } else {
+                nh * hd
+            };
+            let self_attn = match (cfg.mla, linear) {
+                (Some(m), _) => Mixer::Mla(MlaAttention::load(ckpt, &a, &cfg, m)?),
+                (None, Some(d)) => Mixer::Linear(GatedDeltaNet::load(
+                    ckpt,
+                    &format!("{p}.linear_attn"),
+                    h,
+                    d,
+                    cfg.rms_norm_eps,
+                )?),
+                (None, None) => Mixer::Attention(Attention {
+                    q_proj: Linear::load(ckpt, &format!("{a}.q_proj"), q_rows, h, cfg.qkv_bias)?,
+                    k_proj: Linear::load(ckpt, &format!("{a}.k_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                    v_proj: Linear::load(ckpt, &format!("{a}.v_proj"), nkv * hd, h, cfg.qkv_bias)?,
+                    o_proj: Linear::load(ckpt, &format!("{a}.o_proj"), h, nh * hd, cfg.o_bias)?,
+                    q_norm: if cfg.qk_norm {
+                        Some(load_norm(&cfg, ckpt, &format!("{a}.q_norm.weight"), hd)?)
+                    } else {
+                        None
+                    },
+                    k_norm: if cfg.qk_norm {
+                        Some(load_norm(&cfg, ckpt, &format!("{a}.k_norm.weight"), hd)?)
+                    } else {
+                        None
+                    },
+                    sinks: if cfg.attention_sinks {
+                        Some(load_vec(ckpt, &format!("{a}.sinks"), nh)?)
+                    } else {
+                        None
+                    },
+                }),
             };
             let mlp = match cfg.layer_kinds[i] {
                 MlpKind::Dense => FeedForward::Dense(Mlp::load(
@@ -225,31 +283,53 @@ impl Model {
                 )?),
                 MlpKind::Moe => {
                     let m = cfg.moe_prefix(i);
-                    let (shared_expert, shared_expert_gate) =
-                        match cfg.shared_expert_intermediate_size {
-                            Some(si) => (
-                                Some(Mlp::load(ckpt, &format!("{m}.shared_expert"), h, si)?),
-                                Some(Linear::load(
-                                    ckpt,
-                                    &format!("{m}.shared_expert_gate"),
-                                    1,
-                                    h,
-                                    false,
-                                )?),
-                            ),
-                            None => (None, None),
-                        };
+                    let shared_expert = match cfg.shared_expert_intermediate_size {
+                        Some(si) => Some(Mlp::load(
+                            ckpt,
+                            &format!("{m}.{}", cfg.shared_expert_name),
+                            h,
+                            si,
+                        )?),
+                        None => None,
+                    };
+                    let shared_expert_gate = if shared_expert.is_some() && cfg.shared_expert_gated {
+                        Some(Linear::load(
+                            ckpt,
+                            &format!("{m}.shared_expert_gate"),
+                            1,
+                            h,
+                            false,
+                        )?)
+                    } else {
+                        None
+                    };
+                    let e_score_correction_bias = match cfg.router {
+                        RouterKind::SigmoidGrouped { .. } => Some(load_vec(
+                            ckpt,
+                            &format!("{m}.gate.e_score_correction_bias"),
+                            cfg.num_experts,
+                        )?),
+                        RouterKind::SoftmaxTopK | RouterKind::TopKSoftmax => None,
+                    };
                     FeedForward::Moe(SparseMoe {
-                        gate: Linear::load(ckpt, &format!("{m}.gate"), cfg.num_experts, h, false)?,
+                        gate: Linear::load(
+                            ckpt,
+                            &format!("{m}.{}", cfg.router_name),
+                            cfg.num_experts,
+                            h,
+                            cfg.router_bias,
+                        )?,
+                        e_score_correction_bias,
                         shared_expert,
                         shared_expert_gate,
                     })
                 }
             };
             layers.push(DecoderLayer {
-                input_layernorm: load_vec(ckpt, &format!("{p}.input_layernorm.weight"), h)?,
+                input_layernorm: load_norm(&cfg, ckpt, &format!("{p}.input_layernorm.weight"), h)?,
                 self_attn,
-                post_attention_layernorm: load_vec(
+                post_attention_layernorm: load_norm(
+                    &cfg,
                     ckpt,
                     &format!("{p}.post_attention_layernorm.weight"),
                     h,
@@ -257,16 +337,37 @@ impl Model {
                 mlp,
             });
         }
-        let norm = load_vec(ckpt, "model.norm.weight", h)?;
+        let norm = load_norm(&cfg, ckpt, "model.norm.weight", h)?;
         let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             Linear::from_weight(embed_tokens.clone())?
         } else {
             Linear::load(ckpt, "lm_head", cfg.vocab_size, h, false)?
         };
-        let rope = Rope::new(hd, cfg.rope_theta);
-        let router = RoutingRule::SoftmaxTopK {
-            k: cfg.num_experts_per_tok,
-            renormalize: cfg.norm_topk_prob,
+        let rope = Rope::from_config(
+            cfg.rotary_dim,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            cfg.rope_interleave,
+        );
+        let router = match cfg.router {
+            RouterKind::SoftmaxTopK => RoutingRule::SoftmaxTopK {
+                k: cfg.num_experts_per_tok,
+                renormalize: cfg.norm_topk_prob,
+            },
+            RouterKind::SigmoidGrouped {
+                n_group,
+                topk_group,
+                routed_scaling_factor,
+            } => RoutingRule::SigmoidGroupedTopK {
+                k: cfg.num_experts_per_tok,
+                n_group,
+                topk_group,
+                renormalize: cfg.norm_topk_prob,
+                scaling: routed_scaling_factor,
+            },
+            RouterKind::TopKSoftmax => RoutingRule::TopKSoftmax {
+                k: cfg.num_experts_per_tok,
+            },
         };
         Ok(Model {
             cfg,
@@ -330,7 +431,26 @@ impl Model {
         }
         for (li, layer) in self.layers.iter().enumerate() {
             let hn = rms_norm(&x, &layer.input_layernorm, cfg.rms_norm_eps);
-            let attn = self.attention(li, layer, &hn, &positions, seqs)?;
+            let attn = match &layer.self_attn {
+                Mixer::Attention(att) => self.attention(li, att, &hn, &positions, seqs)?,
+                Mixer::Mla(mla) => mla.forward(li, &self.rope, &hn, &positions, seqs),
+                Mixer::Linear(lin) => {
+                    let mut spans = Vec::with_capacity(seqs.len());
+                    let mut at = 0;
+                    for s in seqs.iter() {
+                        spans.push((at, s.tokens.len()));
+                        at += s.tokens.len();
+                    }
+                    let mut states: Vec<(&mut Vec<f32>, &mut Vec<f32>)> = seqs
+                        .iter_mut()
+                        .map(|s| {
+                            let c = &mut *s.cache;
+                            (&mut c.k[li], &mut c.v[li])
+                        })
+                        .collect();
+                    lin.forward(&hn, positions.len(), &spans, &mut states)
+                }
+            };
             for (a, b) in x.iter_mut().zip(&attn) {
                 *a += b;
             }
@@ -382,7 +502,7 @@ impl Model {
     fn attention(
         &self,
         li: usize,
-        layer: &DecoderLayer,
+        att: &Attention,
         hn: &[f32],
         positions: &[usize],
         seqs: &mut [SeqStep<'_>],
@@ -394,18 +514,41 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let att = &layer.self_attn;
         let mut q = att.q_proj.forward(hn, n);
+        // Qwen3-Next: each head's query is followed by its output gate.
+        let gate = if cfg.attn_output_gate {
+            let mut qs = Vec::with_capacity(n * nh * hd);
+            let mut gs = Vec::with_capacity(n * nh * hd);
+            for pair in q.chunks_exact(2 * hd) {
+                qs.extend_from_slice(&pair[..hd]);
+                gs.extend_from_slice(&pair[hd..]);
+            }
+            q = qs;
+            Some(gs)
+        } else {
+            None
+        };
         let mut k = att.k_proj.forward(hn, n);
         let v = att.v_proj.forward(hn, n);
         if let (Some(qn), Some(kn)) = (&att.q_norm, &att.k_norm) {
             crate::layers::rms_norm_inplace(&mut q, qn, cfg.rms_norm_eps);
             crate::layers::rms_norm_inplace(&mut k, kn, cfg.rms_norm_eps);
         }
+        let rd = cfg.rotary_dim;
         for (i, &pos) in positions.iter().enumerate() {
-            self.rope.apply(&mut q[i * nh * hd..(i + 1) * nh * hd], pos);
-            self.rope
-                .apply(&mut k[i * nkv * hd..(i + 1) * nkv * hd], pos);
+            if rd == hd {
+                self.rope.apply(&mut q[i * nh * hd..(i + 1) * nh * hd], pos);
+                self.rope
+                    .apply(&mut k[i * nkv * hd..(i + 1) * nkv * hd], pos);
+            } else {
+                // Partial rotary: only the first `rd` elements of each head turn.
+                for head in q[i * nh * hd..(i + 1) * nh * hd].chunks_exact_mut(hd) {
+                    self.rope.apply(&mut head[..rd], pos);
+                }
+                for head in k[i * nkv * hd..(i + 1) * nkv * hd].chunks_exact_mut(hd) {
+                    self.rope.apply(&mut head[..rd], pos);
+                }
+            }
         }
         // Append this step's keys and values to each sequence's cache.
         let kvw = nkv * hd;
@@ -420,12 +563,18 @@ impl Model {
         }
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
-        let window = cfg.sliding_window;
+        let window = cfg.layer_windows[li];
         let mut out = vec![0f32; n * nh * hd];
         // Work items: (token row, head); each is independent and computed in a fixed order.
-        let caches: Vec<(&[f32], &[f32])> = seqs
+        let caches: Vec<(&[f32], &[f32], usize)> = seqs
             .iter()
-            .map(|s| (s.cache.k[li].as_slice(), s.cache.v[li].as_slice()))
+            .map(|s| {
+                (
+                    s.cache.k[li].as_slice(),
+                    s.cache.v[li].as_slice(),
+                    s.cache.starts[li],
+                )
+            })
             .collect();
         let mut items = Vec::with_capacity(n);
         for (s, &(off, len, _)) in spans.iter().enumerate() {
@@ -434,25 +583,32 @@ impl Model {
             }
         }
         let compute = |row: usize, s: usize, o: &mut [f32]| {
-            let (kc, vc) = caches[s];
+            let (kc, vc, start) = caches[s];
             let pos = positions[row];
+            // Rows of the cache are positions from `start` on.
+            let at = |j: usize| (j - start) * kvw;
             let first = match window {
                 Some(w) if pos + 1 > w => pos + 1 - w,
                 _ => 0,
             };
-            let mut scores = vec![0f32; pos + 1 - first];
+            // One more entry for the sink logit, if any (its probability is dropped).
+            let span = pos + 1 - first;
+            let mut scores = vec![0f32; span + usize::from(att.sinks.is_some())];
             for head in 0..nh {
                 let kvh = head / group;
                 let qh = &q[(row * nh + head) * hd..(row * nh + head + 1) * hd];
                 for (j, sc) in (first..=pos).zip(scores.iter_mut()) {
-                    let kj = &kc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd];
+                    let kj = &kc[at(j) + kvh * hd..at(j) + (kvh + 1) * hd];
                     *sc = kernels::dot(qh, kj) * scale;
+                }
+                if let Some(sinks) = &att.sinks {
+                    scores[span] = sinks[head];
                 }
                 softmax_inplace(&mut scores);
                 let oh = &mut o[head * hd..(head + 1) * hd];
                 oh.fill(0.0);
                 for (j, &p) in (first..=pos).zip(scores.iter()) {
-                    kernels::axpy(p, &vc[j * kvw + kvh * hd..j * kvw + (kvh + 1) * hd], oh);
+                    kernels::axpy(p, &vc[at(j) + kvh * hd..at(j) + (kvh + 1) * hd], oh);
                 }
             }
         };
@@ -464,6 +620,24 @@ impl Model {
         } else {
             for (o, &(row, s)) in out.chunks_mut(nh * hd).zip(items.iter()) {
                 compute(row, s, o);
+            }
+        }
+        if let Some(w) = window {
+            // The next query (position `total`) sees positions from `total + 1 - w` on.
+            for (s, &(_, len, old)) in seqs.iter_mut().zip(&spans) {
+                let keep_from = (old + len + 1).saturating_sub(w);
+                let c = &mut *s.cache;
+                if keep_from > c.starts[li] {
+                    let drop = (keep_from - c.starts[li]) * kvw;
+                    c.k[li].drain(..drop);
+                    c.v[li].drain(..drop);
+                    c.starts[li] = keep_from;
+                }
+            }
+        }
+        if let Some(g) = gate {
+            for (o, gv) in out.iter_mut().zip(&g) {
+                *o *= sigmoid(*gv);
             }
         }
         Ok(att.o_proj.forward(&out, n))
@@ -482,7 +656,11 @@ impl Model {
         let logits = moe.gate.forward(hn, n);
         let mut rows = Vec::with_capacity(n * self.cfg.num_experts_per_tok);
         for t in 0..n {
-            for (expert, weight) in self.router.route(&logits[t * e..(t + 1) * e]) {
+            let chosen = self.router.route(
+                &logits[t * e..(t + 1) * e],
+                moe.e_score_correction_bias.as_deref(),
+            );
+            for (expert, weight) in chosen {
                 rows.push(ExpertRow {
                     token: t as u32,
                     expert: expert as u32,
@@ -492,14 +670,11 @@ impl Model {
         }
         let pending = experts.dispatch(li, hn, &rows)?;
         // The shared expert runs while the routed experts are computed elsewhere.
-        let shared = match (&moe.shared_expert, &moe.shared_expert_gate) {
-            (Some(se), Some(g)) => {
-                let y = se.forward(hn, n);
-                let gl = g.forward(hn, n);
-                Some((y, gl))
-            }
-            _ => None,
-        };
+        let shared = moe.shared_expert.as_ref().map(|se| {
+            let y = se.forward(hn, n);
+            let gl = moe.shared_expert_gate.as_ref().map(|g| g.forward(hn, n));
+            (y, gl)
+        });
         let routed = pending.wait()?;
         if routed.len() != rows.len() * h {
             return Err(EngineError::Experts {
@@ -522,7 +697,7 @@ impl Model {
         }
         if let Some((y, gl)) = shared {
             for t in 0..n {
-                let gate = sigmoid(gl[t]);
+                let gate = gl.as_ref().map_or(1.0, |gl| sigmoid(gl[t]));
                 for (a, b) in out[t * h..(t + 1) * h]
                     .iter_mut()
                     .zip(&y[t * h..(t + 1) * h])
@@ -538,6 +713,17 @@ impl Model {
     pub fn arch(&self) -> Arch {
         self.cfg.arch
     }
+}
+
+/// Loads an RMSNorm weight, adding the one that zero-centred checkpoints (Qwen3-Next) leave out.
+fn load_norm(cfg: &ModelConfig, ckpt: &Checkpoint, name: &str, dim: usize) -> Result<Vec<f32>> {
+    let mut w = load_vec(ckpt, name, dim)?;
+    if cfg.norm_plus_one {
+        for v in &mut w {
+            *v += 1.0;
+        }
+    }
+    Ok(w)
 }
 
 /// Reads the config a synthetic run uses: `path` is a `config.json` or a directory with one;
@@ -561,6 +747,10 @@ pub fn synthetic_config(path: &Path, layers: Option<usize>) -> Result<ModelConfi
         }
         cfg.num_hidden_layers = k;
         cfg.layer_kinds.truncate(k);
+        cfg.layer_windows.truncate(k);
+        if let Some((_, linear)) = &mut cfg.linear_attn {
+            linear.truncate(k);
+        }
     }
     Ok(cfg)
 }

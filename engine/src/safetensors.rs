@@ -52,6 +52,8 @@ fn parse_dtype(s: &str) -> Option<DType> {
         "F32" => Some(DType::F32),
         "F16" => Some(DType::F16),
         "BF16" => Some(DType::BF16),
+        "F8_E4M3" => Some(DType::F8E4M3),
+        "U8" => Some(DType::U8),
         _ => None,
     }
 }
@@ -79,6 +81,12 @@ impl SafetensorsFile {
     /// Names and placement of every tensor.
     pub fn tensors(&self) -> &BTreeMap<String, TensorInfo> {
         &self.tensors
+    }
+
+    /// The stored bytes of a tensor (checked against the file when the header was parsed).
+    pub fn raw(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
+        let info = self.tensors.get(name)?;
+        Some((info, &self.map[info.start..info.start + info.len]))
     }
 
     /// A tensor over the mapped bytes.
@@ -138,8 +146,11 @@ pub fn parse_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor
             .get("dtype")
             .and_then(Value::as_str)
             .ok_or_else(|| bad("no dtype".into()))?;
-        let dtype = parse_dtype(dtype_s)
-            .ok_or_else(|| bad(format!("dtype {dtype_s} is not supported (F32, F16, BF16)")))?;
+        let dtype = parse_dtype(dtype_s).ok_or_else(|| {
+            bad(format!(
+                "dtype {dtype_s} is not supported (F32, F16, BF16, F8_E4M3, U8)"
+            ))
+        })?;
         let shape: Vec<usize> = entry
             .get("shape")
             .and_then(Value::as_array)
@@ -425,7 +436,21 @@ impl Checkpoint {
             return Ok(crate::synthetic::generate(name, info, s.seed));
         }
         let i = *self.index.get(name).ok_or_else(missing)?;
+        let (info, raw) = self.files[i].raw(name).ok_or_else(missing)?;
+        if info.dtype == DType::F8E4M3 {
+            return crate::fp8::dequantize(self, name, &info.shape, raw);
+        }
         self.files[i].tensor(name).ok_or_else(missing)?
+    }
+
+    /// The stored bytes and placement of a tensor of a real (not synthetic) checkpoint.
+    pub fn raw(&self, name: &str) -> Result<(&TensorInfo, &[u8])> {
+        let missing = || EngineError::MissingTensor {
+            name: name.to_string(),
+            dir: self.dir.clone(),
+        };
+        let i = *self.index.get(name).ok_or_else(missing)?;
+        self.files[i].raw(name).ok_or_else(missing)
     }
 
     /// A tensor whose shape must be `shape`.

@@ -144,7 +144,8 @@ pub fn generate(name: &str, info: &TensorInfo, seed: u64) -> Tensor {
             });
             Tensor::from_f32(name, info.shape.clone(), &data)
         }
-        DType::F16 | DType::BF16 => {
+        // tensor_index only asks for F32 or BF16; anything else is generated as BF16 too
+        _ => {
             let mut data = vec![bf16::ZERO; numel];
             data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
                 let mut rng = Rng::new(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));

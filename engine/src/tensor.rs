@@ -28,6 +28,11 @@ pub enum DType {
     Q5_K,
     /// ggml's 6-bit K-quant super-blocks of 256.
     Q6_K,
+    /// OCP FP8 E4M3 ("fn": no infinities), stored by block-scaled checkpoints; decoded at load
+    /// by [`crate::fp8`], never held by a [`Tensor`].
+    F8E4M3,
+    /// Raw bytes (MXFP4 blocks and exponents); decoded at load, never held by a [`Tensor`].
+    U8,
 }
 
 impl DType {
@@ -36,6 +41,7 @@ impl DType {
         match self {
             DType::F32 => (1, 4),
             DType::F16 | DType::BF16 => (1, 2),
+            DType::F8E4M3 | DType::U8 => (1, 1),
             q => {
                 let q = q.quant().expect("block type");
                 (q.block_elems(), q.block_bytes())
@@ -46,7 +52,7 @@ impl DType {
     /// The block-quantized type, for the quantized dtypes.
     pub fn quant(self) -> Option<QType> {
         Some(match self {
-            DType::F32 | DType::F16 | DType::BF16 => return None,
+            DType::F32 | DType::F16 | DType::BF16 | DType::F8E4M3 | DType::U8 => return None,
             DType::Q8_0 => QType::Q8_0,
             DType::Q4_0 => QType::Q4_0,
             DType::Q4_K => QType::Q4_K,
@@ -98,7 +104,14 @@ impl DType {
             DType::Q4_K => "Q4_K",
             DType::Q5_K => "Q5_K",
             DType::Q6_K => "Q6_K",
+            DType::F8E4M3 => "F8_E4M3",
+            DType::U8 => "U8",
         }
+    }
+
+    /// Whether a [`Tensor`] can hold this dtype (the others are decoded when loaded).
+    pub fn is_compute(self) -> bool {
+        !matches!(self, DType::F8E4M3 | DType::U8)
     }
 }
 
@@ -184,6 +197,12 @@ impl Tensor {
         start: usize,
         len: usize,
     ) -> Result<Self> {
+        if !dtype.is_compute() {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!("{} data must be decoded before use", dtype.name()),
+            });
+        }
         let want = dtype.bytes_for(&shape);
         if want != Some(len) {
             let msg = match want {
@@ -329,6 +348,8 @@ impl Tensor {
             DType::F32 => Mat::F32(bytemuck::cast_slice(raw)),
             DType::F16 => Mat::F16(bytemuck::cast_slice(raw)),
             DType::BF16 => Mat::BF16(bytemuck::cast_slice(raw)),
+            // `mapped` refuses these and the owned constructors only make compute dtypes.
+            DType::F8E4M3 | DType::U8 => unreachable!("a Tensor never holds {}", self.dtype.name()),
             q => Mat::Quant(q.quant().expect("block type"), raw),
         }
     }

@@ -11,6 +11,12 @@ pub const FIXTURES: &[&str] = &[
     "mixtral_tiny",
     "mixtral_top1_f16",
     "qwen2_moe_tiny",
+    "deepseek_v3_tiny",
+    "deepseek_v3_no_q_lora",
+    "deepseek_v3_fp8",
+    "gpt_oss_tiny",
+    "gpt_oss_mxfp4",
+    "qwen3_5_moe_tiny",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {
