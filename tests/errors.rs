@@ -171,9 +171,18 @@ fn unsupported_model_type() {
 fn unsupported_rope_type() {
     let d = copy_fixture(FIX);
     edit_config(d.path(), |v| {
+        v["rope_parameters"]["rope_type"] = "longrope".into()
+    });
+    expect_failure(d.path(), "1,2", &["config.json", "longrope"]);
+}
+
+#[test]
+fn yarn_rope_without_its_factor() {
+    let d = copy_fixture(FIX);
+    edit_config(d.path(), |v| {
         v["rope_parameters"]["rope_type"] = "yarn".into()
     });
-    expect_failure(d.path(), "1,2", &["config.json", "yarn"]);
+    expect_failure(d.path(), "1,2", &["config.json", "yarn", "factor"]);
 }
 
 #[test]

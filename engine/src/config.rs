@@ -484,7 +484,7 @@ impl ModelConfig {
                         r.err("kv_lora_rank, v_head_dim and qk_*_head_dim must be positive")
                     );
                 }
-                if m.qk_rope_head_dim % 2 != 0 {
+                if !m.qk_rope_head_dim.is_multiple_of(2) {
                     return Err(r.err(format!(
                         "qk_rope_head_dim {} must be even",
                         m.qk_rope_head_dim
@@ -662,7 +662,7 @@ impl ModelConfig {
                     conv_kernel: r.usize_or("linear_conv_kernel_dim", 4)?,
                 };
                 if d.num_key_heads == 0
-                    || d.num_value_heads % d.num_key_heads != 0
+                    || !d.num_value_heads.is_multiple_of(d.num_key_heads)
                     || d.key_head_dim == 0
                     || d.value_head_dim == 0
                     || d.conv_kernel == 0

@@ -58,7 +58,7 @@ pub fn load_expert(
         name: n.to_string(),
         msg,
     };
-    if in_dim % BLOCK != 0 {
+    if !in_dim.is_multiple_of(BLOCK) {
         return Err(bad(
             &bname,
             format!("input width {in_dim} is not a multiple of the {BLOCK}-element MXFP4 block"),

@@ -196,7 +196,9 @@ mod tests {
         let experts = |r: &[(usize, f32)]| r.iter().map(|x| x.0).collect::<Vec<_>>();
         // (rule, bias, expected experts)
         let bias_to_group_2 = [0.0f32, 0.0, 0.0, 0.0, 2.0, 2.0, 0.0, 0.0];
-        let cases: Vec<(RoutingRule, Option<&[f32]>, Vec<usize>)> = vec![
+        // (rule, selection bias, expected experts)
+        type Case<'a> = (RoutingRule, Option<&'a [f32]>, Vec<usize>);
+        let cases: Vec<Case<'_>> = vec![
             // expert 2 is the single best but its group {2,3} sums low: not kept
             (rule(2, 4, 2, true, 1.0), None, vec![0, 1]),
             (rule(3, 4, 2, true, 1.0), None, vec![0, 1, 7]),

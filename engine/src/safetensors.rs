@@ -226,7 +226,9 @@ impl Quantize {
             return None;
         }
         let expert = name.contains(".experts.");
-        let router = name.ends_with(".gate.weight") || name.ends_with("shared_expert_gate.weight");
+        let router = name.ends_with(".gate.weight")
+            || name.ends_with("shared_expert_gate.weight")
+            || name.ends_with(".router.weight");
         if !(expert || (self.all && !router)) {
             return None;
         }

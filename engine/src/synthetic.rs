@@ -144,8 +144,8 @@ pub fn generate(name: &str, info: &TensorInfo, seed: u64) -> Tensor {
             });
             Tensor::from_f32(name, info.shape.clone(), &data)
         }
-        // tensor_index only asks for F32 or BF16; anything else is generated as BF16 too
-        _ => {
+        // tensor_index never asks for the load-time-decoded F8E4M3/U8; generated as BF16 anyway
+        DType::F16 | DType::BF16 | DType::F8E4M3 | DType::U8 => {
             let mut data = vec![bf16::ZERO; numel];
             data.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
                 let mut rng = Rng::new(base ^ (c as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));

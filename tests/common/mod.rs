@@ -17,6 +17,7 @@ pub const FIXTURES: &[&str] = &[
     "gpt_oss_tiny",
     "gpt_oss_mxfp4",
     "qwen3_5_moe_tiny",
+    "qwen3_next_tiny",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {
