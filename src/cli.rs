@@ -51,7 +51,8 @@ enum Command {
 
 #[derive(Args)]
 pub(crate) struct ModelArgs {
-    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json) or a .gguf
+    /// file (llama.cpp format: weights, config and tokenizer in one file).
     #[arg(long)]
     pub model: PathBuf,
 }

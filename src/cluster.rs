@@ -22,7 +22,7 @@ use crate::cli::ClusterArgs;
 
 #[derive(Args)]
 pub(crate) struct WorkerArgs {
-    /// This worker's copy of the Hugging Face checkpoint directory.
+    /// This worker's copy of the Hugging Face checkpoint directory, or of the .gguf file.
     #[arg(long)]
     model: PathBuf,
     /// Address to listen on, e.g. 0.0.0.0:7070 (port 0 picks a free port; the address line on

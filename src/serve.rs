@@ -158,6 +158,10 @@ impl Progress {
 }
 
 fn weight_files(dir: &Path) -> Vec<PathBuf> {
+    if dir.is_file() {
+        // A single-file model (GGUF).
+        return vec![dir.to_path_buf()];
+    }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
             rd.filter_map(|e| e.ok().map(|e| e.path()))

@@ -15,6 +15,10 @@ const DOMAIN: &[u8] = b"moeshard model fingerprint v1\0";
 
 /// Hex BLAKE3 fingerprint of the checkpoint in `dir` (already opened as `ckpt`).
 pub fn model_fingerprint(dir: &Path, ckpt: &Checkpoint) -> Result<String> {
+    // A GGUF file describes itself in its header (metadata and tensor directory).
+    if let Some(g) = ckpt.gguf() {
+        return Ok(fingerprint_of(g.file().header_bytes(), ckpt));
+    }
     let path = if ckpt.is_synthetic() {
         ckpt.config_file()
     } else {

@@ -209,6 +209,8 @@ pub struct GgufFile {
     pub metadata: BTreeMap<String, Value>,
     /// Tensors by name.
     pub tensors: BTreeMap<String, GgufTensorInfo>,
+    /// Bytes before the tensor data: header, metadata and tensor directory (padded).
+    header_len: usize,
 }
 
 struct Cursor<'a> {
@@ -314,6 +316,11 @@ pub type Parsed = (
 
 /// Parses a whole GGUF image (header, metadata, tensor directory) and checks every tensor's range.
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Parsed> {
+    Ok(parse_with_header_len(path, bytes)?.0)
+}
+
+/// [`parse`], plus the length of everything before the tensor data.
+fn parse_with_header_len(path: &Path, bytes: &[u8]) -> Result<(Parsed, usize)> {
     let mut c = Cursor {
         bytes,
         pos: 0,
@@ -368,7 +375,7 @@ fn read_tensors(
     version: u32,
     n_tensors: u64,
     metadata: BTreeMap<String, Value>,
-) -> Result<Parsed> {
+) -> Result<(Parsed, usize)> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(v) => match v.as_u64() {
@@ -442,7 +449,8 @@ fn read_tensors(
             },
         );
     }
-    Ok((version, metadata, tensors))
+    let header_len = (data_start as usize).min(bytes.len());
+    Ok(((version, metadata, tensors), header_len))
 }
 
 impl GgufFile {
@@ -451,13 +459,14 @@ impl GgufFile {
         let file = File::open(path).map_err(|e| EngineError::io(path, e))?;
         // SAFETY: mapped read-only; every range handed out was checked against the map's length.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| EngineError::io(path, e))?;
-        let (version, metadata, tensors) = parse(path, &map)?;
+        let ((version, metadata, tensors), header_len) = parse_with_header_len(path, &map)?;
         Ok(GgufFile {
             path: path.to_path_buf(),
             map: Arc::new(map),
             version,
             metadata,
             tensors,
+            header_len,
         })
     }
 
@@ -470,6 +479,12 @@ impl GgufFile {
     pub fn tensor_bytes(&self, name: &str) -> Option<&[u8]> {
         let t = self.tensors.get(name)?;
         self.map.get(t.start..t.start + t.len)
+    }
+
+    /// The header, metadata and tensor directory: everything that describes the model, without
+    /// the weights.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.map[..self.header_len]
     }
 
     /// The shared map (to build tensors that outlive this struct).

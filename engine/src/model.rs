@@ -193,10 +193,9 @@ pub struct SeqStep<'a> {
 }
 
 impl Model {
-    /// Loads the dense part of the model in `dir`.
+    /// Loads the dense part of the model in `dir` (a checkpoint directory or a `.gguf` file).
     pub fn load(dir: &Path) -> Result<(Self, Checkpoint)> {
-        let cfg = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let (cfg, ckpt) = Checkpoint::open_with_config(dir)?;
         let model = Self::from_checkpoint(cfg, &ckpt)?;
         Ok((model, ckpt))
     }

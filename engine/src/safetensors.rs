@@ -204,6 +204,7 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     synthetic: Option<Synthetic>,
     quantize: Option<Quantize>,
+    gguf: Option<crate::gguf_model::GgufModel>,
 }
 
 /// Quantization applied as tensors are loaded (`--quantize`): float weights become owned
@@ -250,8 +251,20 @@ struct Synthetic {
 pub const SYNTHETIC_PATH: &str = "<synthetic>";
 
 impl Checkpoint {
-    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`.
+    /// Opens `model.safetensors`, or the shards listed in `model.safetensors.index.json`; or, when
+    /// `dir` is a `.gguf` file, that file with its tensors under Hugging Face names (see
+    /// [`crate::gguf_model`]).
     pub fn open(dir: &Path) -> Result<Self> {
+        if crate::gguf_model::is_gguf(dir) {
+            return Ok(Checkpoint {
+                dir: dir.to_path_buf(),
+                files: Vec::new(),
+                index: HashMap::new(),
+                synthetic: None,
+                quantize: None,
+                gguf: Some(crate::gguf_model::GgufModel::open(dir)?),
+            });
+        }
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let file_names: Vec<String> = if index_path.exists() {
@@ -313,7 +326,19 @@ impl Checkpoint {
             index,
             synthetic: None,
             quantize: None,
+            gguf: None,
         })
+    }
+
+    /// The model description and the checkpoint at `path`: a Hugging Face directory
+    /// (`config.json` and safetensors) or a `.gguf` file.
+    pub fn open_with_config(path: &Path) -> Result<(crate::config::ModelConfig, Self)> {
+        let ckpt = Self::open(path)?;
+        let cfg = match ckpt.gguf() {
+            Some(g) => g.config().clone(),
+            None => crate::config::ModelConfig::from_dir(path)?,
+        };
+        Ok((cfg, ckpt))
     }
 
     /// A checkpoint of deterministic random weights in the shapes `cfg` describes, generated on
@@ -334,6 +359,7 @@ impl Checkpoint {
                 tensors: crate::synthetic::tensor_index(cfg, dtype),
             }),
             quantize: None,
+            gguf: None,
         }
     }
 
@@ -372,10 +398,16 @@ impl Checkpoint {
         self.synthetic.as_ref().map(|s| s.seed)
     }
 
-    /// The config file this checkpoint was described by.
+    /// The GGUF file this checkpoint is, if it is one.
+    pub fn gguf(&self) -> Option<&crate::gguf_model::GgufModel> {
+        self.gguf.as_ref()
+    }
+
+    /// The config file this checkpoint was described by (a GGUF file describes itself).
     pub fn config_file(&self) -> PathBuf {
         match &self.synthetic {
             Some(s) => s.config_file.clone(),
+            None if self.gguf.is_some() => self.dir.clone(),
             None => self.dir.join("config.json"),
         }
     }
@@ -387,6 +419,9 @@ impl Checkpoint {
 
     /// Whether a tensor exists.
     pub fn contains(&self, name: &str) -> bool {
+        if let Some(g) = &self.gguf {
+            return g.entries().contains_key(name);
+        }
         match &self.synthetic {
             Some(s) => s.tensors.contains_key(name),
             None => self.index.contains_key(name),
@@ -395,6 +430,9 @@ impl Checkpoint {
 
     /// All tensor names.
     pub fn names(&self) -> Box<dyn Iterator<Item = &str> + '_> {
+        if let Some(g) = &self.gguf {
+            return Box::new(g.entries().keys().map(String::as_str));
+        }
         match &self.synthetic {
             Some(s) => Box::new(s.tensors.keys().map(String::as_str)),
             None => Box::new(self.index.keys().map(String::as_str)),
@@ -405,6 +443,9 @@ impl Checkpoint {
     pub fn info(&self, name: &str) -> Option<(&Path, &TensorInfo)> {
         if let Some(s) = &self.synthetic {
             return Some((Path::new(SYNTHETIC_PATH), s.tensors.get(name)?));
+        }
+        if let Some(g) = &self.gguf {
+            return Some((g.file().path(), &g.entries().get(name)?.info));
         }
         let f = &self.files[*self.index.get(name)?];
         Some((f.path(), f.tensors().get(name)?))
@@ -436,6 +477,17 @@ impl Checkpoint {
         if let Some(s) = &self.synthetic {
             let info = s.tensors.get(name).ok_or_else(missing)?;
             return Ok(crate::synthetic::generate(name, info, s.seed));
+        }
+        if let Some(g) = &self.gguf {
+            return g.tensor(name).unwrap_or_else(|| {
+                Err(EngineError::MissingTensor {
+                    name: match crate::gguf_model::gguf_name_of(name) {
+                        Some(gn) => format!("{name} (GGUF {gn})"),
+                        None => name.to_string(),
+                    },
+                    dir: self.dir.clone(),
+                })
+            });
         }
         let i = *self.index.get(name).ok_or_else(missing)?;
         let (info, raw) = self.files[i].raw(name).ok_or_else(missing)?;

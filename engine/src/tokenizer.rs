@@ -1,6 +1,8 @@
 //! Text in and out: `tokenizer.json` through the `tokenizers` crate, the chat template from
 //! `tokenizer_config.json` (or `chat_template.jinja`) through minijinja, rendered the way
 //! transformers renders it (trim_blocks and lstrip_blocks on, Python string methods available).
+//! A GGUF file carries the same things in its `tokenizer.*` metadata; [`Tokenizer::from_gguf`]
+//! builds the equivalent `tokenizer.json` from them.
 
 use std::path::Path;
 
@@ -41,8 +43,13 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 }
 
 impl Tokenizer {
-    /// Loads `tokenizer.json` and the chat template from a model directory.
+    /// Loads `tokenizer.json` and the chat template from a model directory, or the tokenizer a
+    /// `.gguf` file's metadata describes.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf_model::is_gguf(dir) {
+            let file = crate::gguf::GgufFile::open(dir)?;
+            return Self::from_gguf(&file);
+        }
         let path = dir.join("tokenizer.json");
         if !path.exists() {
             return Err(EngineError::MissingFile {
@@ -84,6 +91,25 @@ impl Tokenizer {
             chat_template,
             bos_token,
             eos_token,
+        })
+    }
+
+    /// The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`,
+    /// `tokenizer.chat_template`): byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the
+    /// pre-tokenizer `tokenizer.ggml.pre` names.
+    pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self> {
+        let (json, bos, eos) = gguf_tokenizer_json(file)?;
+        let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
+            .map_err(|e| tok_err(file.path(), e))?;
+        let chat_template = file
+            .get("tokenizer.chat_template")
+            .and_then(crate::gguf::Value::as_str)
+            .map(str::to_string);
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token: bos,
+            eos_token: eos,
         })
     }
 
@@ -150,6 +176,189 @@ impl Tokenizer {
             self.eos_token.as_deref(),
         )
     }
+}
+
+/// Pre-tokenizer split patterns of the `tokenizer.ggml.pre` names whose Hugging Face tokenizers
+/// split with a regex before the byte-level mapping (facts from the models' `tokenizer.json`).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// The `tokenizer.ggml.pre` names we map.
+pub const GGUF_PRE_TOKENIZERS: &[&str] = &["gpt2", "default", "qwen2", "llama3", "llama-bpe"];
+
+/// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_UNKNOWN: i64 = 2;
+const TOKEN_CONTROL: i64 = 3;
+const TOKEN_USER_DEFINED: i64 = 4;
+const TOKEN_UNUSED: i64 = 5;
+
+/// The `tokenizer.json` equivalent of a GGUF file's tokenizer metadata, with the bos and eos texts.
+fn gguf_tokenizer_json(
+    file: &crate::gguf::GgufFile,
+) -> Result<(Value, Option<String>, Option<String>)> {
+    use crate::gguf::Value as G;
+    use serde_json::json;
+    let path = file.path();
+    let err = |msg: String| tok_err(path, msg);
+    let model = file
+        .get("tokenizer.ggml.model")
+        .and_then(G::as_str)
+        .ok_or_else(|| err("metadata tokenizer.ggml.model is missing".into()))?;
+    if model != "gpt2" {
+        return Err(err(format!(
+            "tokenizer.ggml.model {model:?} is not supported (only \"gpt2\", byte-level BPE)"
+        )));
+    }
+    let tokens: Vec<&str> = file
+        .get("tokenizer.ggml.tokens")
+        .and_then(G::as_array)
+        .ok_or_else(|| err("metadata tokenizer.ggml.tokens is missing".into()))?
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            v.as_str()
+                .ok_or_else(|| err(format!("tokenizer.ggml.tokens[{i}] is not a string")))
+        })
+        .collect::<Result<_>>()?;
+    let types: Vec<i64> = match file.get("tokenizer.ggml.token_type") {
+        None => vec![1; tokens.len()],
+        Some(v) => {
+            let a = v
+                .as_array()
+                .ok_or_else(|| err("tokenizer.ggml.token_type is not an array".into()))?;
+            if a.len() != tokens.len() {
+                return Err(err(format!(
+                    "tokenizer.ggml.token_type has {} entries for {} tokens",
+                    a.len(),
+                    tokens.len()
+                )));
+            }
+            a.iter()
+                .map(|t| match *t {
+                    G::I32(x) => Ok(i64::from(x)),
+                    ref o => o
+                        .as_u64()
+                        .map(|x| x as i64)
+                        .ok_or_else(|| err(format!("token type {o:?} is not an integer"))),
+                })
+                .collect::<Result<_>>()?
+        }
+    };
+    let merges: Vec<Value> = match file.get("tokenizer.ggml.merges") {
+        None => Vec::new(),
+        Some(v) => v
+            .as_array()
+            .ok_or_else(|| err("tokenizer.ggml.merges is not an array".into()))?
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.as_str()
+                    .and_then(|m| m.split_once(' '))
+                    .map(|(a, b)| json!([a, b]))
+                    .ok_or_else(|| err(format!("tokenizer.ggml.merges[{i}] is not \"a b\"")))
+            })
+            .collect::<Result<_>>()?,
+    };
+    let mut vocab = serde_json::Map::new();
+    let mut added = Vec::new();
+    for (id, (&tok, &ty)) in tokens.iter().zip(&types).enumerate() {
+        // Unused slots (vocabulary padding) are not tokens: the Hugging Face tokenizer lacks them.
+        if ty == TOKEN_UNUSED {
+            continue;
+        }
+        vocab.insert(tok.to_string(), json!(id));
+        if matches!(ty, TOKEN_UNKNOWN | TOKEN_CONTROL | TOKEN_USER_DEFINED) {
+            added.push(json!({
+                "id": id, "content": tok, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": ty != TOKEN_USER_DEFINED,
+            }));
+        }
+    }
+    let pre = file
+        .get("tokenizer.ggml.pre")
+        .and_then(G::as_str)
+        .unwrap_or("default");
+    let byte_level = |use_regex: bool| {
+        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+               "use_regex": use_regex})
+    };
+    let split = |pattern: &str| {
+        json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated",
+             "invert": false},
+            byte_level(false),
+        ]})
+    };
+    // Hugging Face's Qwen2 tokenizer NFC-normalises; GGUF does not record a normaliser, so it
+    // is applied for the names whose tokenizers have it (our gpt2-style fixtures too).
+    let (pre_tokenizer, normalizer) = match pre {
+        "gpt2" | "default" => (byte_level(true), json!({"type": "NFC"})),
+        "qwen2" => (split(QWEN2_PATTERN), json!({"type": "NFC"})),
+        "llama3" | "llama-bpe" => (split(LLAMA3_PATTERN), Value::Null),
+        other => {
+            return Err(err(format!(
+                "tokenizer.ggml.pre {other:?} is not supported; supported: {}",
+                GGUF_PRE_TOKENIZERS.join(", ")
+            )));
+        }
+    };
+    let id_of = |key: &str| -> Result<Option<(u32, String)>> {
+        match file.get(key) {
+            None => Ok(None),
+            Some(v) => {
+                let id = v
+                    .as_u64()
+                    .filter(|&i| (i as usize) < tokens.len())
+                    .ok_or_else(|| err(format!("{key} {v:?} is not a token id")))?;
+                Ok(Some((id as u32, tokens[id as usize].to_string())))
+            }
+        }
+    };
+    let bos = id_of("tokenizer.ggml.bos_token_id")?;
+    let eos = id_of("tokenizer.ggml.eos_token_id")?;
+    let flag = |key: &str| file.get(key).and_then(G::as_bool).unwrap_or(false);
+    let mut single = Vec::new();
+    let mut specials = serde_json::Map::new();
+    let mut special = |t: &(u32, String)| {
+        specials.insert(
+            t.1.clone(),
+            json!({"id": t.1, "ids": [t.0], "tokens": [t.1]}),
+        );
+        json!({"SpecialToken": {"id": t.1, "type_id": 0}})
+    };
+    if flag("tokenizer.ggml.add_bos_token")
+        && let Some(b) = &bos
+    {
+        single.push(special(b));
+    }
+    single.push(json!({"Sequence": {"id": "A", "type_id": 0}}));
+    if flag("tokenizer.ggml.add_eos_token")
+        && let Some(e) = &eos
+    {
+        single.push(special(e));
+    }
+    let post_processor = if single.len() > 1 {
+        json!({"type": "TemplateProcessing", "single": single, "pair": single,
+               "special_tokens": specials})
+    } else {
+        Value::Null
+    };
+    let json = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": post_processor,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                    "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                  "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    Ok((json, bos.map(|b| b.1), eos.map(|e| e.1)))
 }
 
 /// Renders a Jinja chat template as transformers does.

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-/// Every reference fixture (made by tests/fixtures/make_fixtures.py).
+/// Every reference fixture (made by tests/fixtures/make_fixtures.py; the `*_gguf` ones by
+/// make_gguf_fixtures.py with the same machinery).
 pub const FIXTURES: &[&str] = &[
     "qwen3_moe_tiny",
     "qwen3_moe_bf16_sharded",
@@ -18,6 +19,8 @@ pub const FIXTURES: &[&str] = &[
     "gpt_oss_mxfp4",
     "qwen3_5_moe_tiny",
     "qwen3_next_tiny",
+    "qwen3_moe_gguf",
+    "qwen2_moe_gguf",
 ];
 
 pub fn fixture(name: &str) -> PathBuf {

@@ -55,8 +55,7 @@ impl WorkerCore {
     /// Opens the checkpoint in `dir` (config and tensor index; nothing is read from the weights)
     /// and offers `capacity` bytes, by default enough for every routed expert.
     pub fn open(dir: &Path, capacity: Option<u64>) -> Result<Self> {
-        let cfg = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let (cfg, ckpt) = Checkpoint::open_with_config(dir)?;
         Self::from_checkpoint(dir, cfg, ckpt, capacity)
     }
 
