@@ -171,7 +171,7 @@ pub(crate) fn open_checkpoint(
         let ckpt = Checkpoint::synthetic(&file, &cfg, DType::BF16, syn.synthetic_seed);
         (cfg, ckpt)
     } else {
-        (ModelConfig::from_dir(dir)?, Checkpoint::open(dir)?)
+        Checkpoint::open_with_config(dir)?
     };
     ckpt.set_quantize(quant.spec());
     Ok((cfg, ckpt))
