@@ -511,3 +511,42 @@ fn truncated_gguf_is_an_error_not_a_panic() {
         expect_failure(t.path(), &["GGUF"]);
     }
 }
+
+#[test]
+fn unsupported_pre_tokenizer_is_named() {
+    let p = rewrite(
+        "qwen3_moe_gguf-f32.gguf",
+        |k, v| {
+            Some(if k == "tokenizer.ggml.pre" {
+                Value::String("default".into())
+            } else {
+                v.clone()
+            })
+        },
+        keep,
+    );
+    let err = Tokenizer::from_dir(&p)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("tokenizer.ggml.pre \"default\"") && err.contains("qwen2"),
+        "{err}"
+    );
+    let p = rewrite(
+        "qwen3_moe_gguf-f32.gguf",
+        |k, v| {
+            Some(if k == "tokenizer.ggml.model" {
+                Value::String("llama".into())
+            } else {
+                v.clone()
+            })
+        },
+        keep,
+    );
+    let err = Tokenizer::from_dir(&p)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("tokenizer.ggml.model \"llama\""), "{err}");
+}

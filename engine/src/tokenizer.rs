@@ -96,7 +96,7 @@ impl Tokenizer {
 
     /// The tokenizer stored in a GGUF file's metadata (`tokenizer.ggml.*`,
     /// `tokenizer.chat_template`): byte-level BPE (`tokenizer.ggml.model = "gpt2"`) with the
-    /// pre-tokenizer `tokenizer.ggml.pre` names.
+    /// pre-tokenizer `tokenizer.ggml.pre` names (llama.cpp's names: `gpt-2`, `qwen2`, `llama3`).
     pub fn from_gguf(file: &crate::gguf::GgufFile) -> Result<Self> {
         let (json, bos, eos) = gguf_tokenizer_json(file)?;
         let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes())
@@ -184,7 +184,7 @@ const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The `tokenizer.ggml.pre` names we map.
-pub const GGUF_PRE_TOKENIZERS: &[&str] = &["gpt2", "default", "qwen2", "llama3", "llama-bpe"];
+pub const GGUF_PRE_TOKENIZERS: &[&str] = &["gpt-2", "qwen2", "llama3", "llama-v3", "llama-bpe"];
 
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
 const TOKEN_UNKNOWN: i64 = 2;
@@ -277,7 +277,7 @@ fn gguf_tokenizer_json(
     let pre = file
         .get("tokenizer.ggml.pre")
         .and_then(G::as_str)
-        .unwrap_or("default");
+        .unwrap_or("(none)");
     let byte_level = |use_regex: bool| {
         json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
                "use_regex": use_regex})
@@ -292,9 +292,9 @@ fn gguf_tokenizer_json(
     // Hugging Face's Qwen2 tokenizer NFC-normalises; GGUF does not record a normaliser, so it
     // is applied for the names whose tokenizers have it (our gpt2-style fixtures too).
     let (pre_tokenizer, normalizer) = match pre {
-        "gpt2" | "default" => (byte_level(true), json!({"type": "NFC"})),
+        "gpt-2" => (byte_level(true), json!({"type": "NFC"})),
         "qwen2" => (split(QWEN2_PATTERN), json!({"type": "NFC"})),
-        "llama3" | "llama-bpe" => (split(LLAMA3_PATTERN), Value::Null),
+        "llama3" | "llama-v3" | "llama-bpe" => (split(LLAMA3_PATTERN), Value::Null),
         other => {
             return Err(err(format!(
                 "tokenizer.ggml.pre {other:?} is not supported; supported: {}",
