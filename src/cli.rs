@@ -47,6 +47,10 @@ enum Command {
     BenchServe(crate::bench_serve::BenchServeArgs),
     /// Check this host before it joins a cluster: CPU, memory, disk, clock, peers, cluster key.
     Doctor(crate::doctor::DoctorArgs),
+    /// Write a manifest of a checkpoint: BLAKE3 of every tensor and the model fingerprint.
+    Manifest(crate::manifest::ManifestArgs),
+    /// Check a checkpoint against its manifest and/or the SHA-256 sums of its files.
+    Verify(crate::manifest::VerifyArgs),
 }
 
 #[derive(Args)]
@@ -82,6 +86,14 @@ pub(crate) struct ClusterArgs {
     /// Deadline of connecting to a worker, in seconds.
     #[arg(long, default_value_t = 10.0)]
     pub connect_timeout: f64,
+    /// Copies of each routed expert kept on distinct workers, as their capacity allows (1: no
+    /// replicas; a dead worker's experts are then re-homed on the survivors when it fails).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub replicas: u16,
+    /// File holding the cluster secret the workers must prove (TLS 1.3 mutual authentication on
+    /// both transports). Local workers get a fresh random key when this is not given.
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub synthetic: SyntheticArgs,
     #[command(flatten)]
@@ -220,6 +232,7 @@ impl RunArgs {
                 transport: self.transport,
                 rpc_timeout: 30.0,
                 connect_timeout: 10.0,
+                replicas: 1,
                 ..ClusterArgs::default()
             },
             prompt: self.prompt,
@@ -268,6 +281,8 @@ pub fn run() -> Result<()> {
         Command::BenchServe(a) => crate::bench_serve::cmd_bench_serve(a),
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),
         Command::Doctor(a) => crate::doctor::cmd_doctor(a),
+        Command::Manifest(a) => crate::manifest::cmd_manifest(a),
+        Command::Verify(a) => crate::manifest::cmd_verify(a),
         Command::Bench(a) => {
             let loaded = load(&a.model.model, &a.cluster)?;
             let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;

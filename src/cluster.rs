@@ -15,6 +15,7 @@ use moeshard_coordinator::{
 };
 use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{DType, ExpertBackend, LocalExperts, Model, ModelConfig};
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::{Transport, listening_line};
 use moeshard_worker::WorkerCore;
 
@@ -39,6 +40,15 @@ pub(crate) struct WorkerArgs {
     synthetic: crate::cli::SyntheticArgs,
     #[command(flatten)]
     quant: crate::cli::QuantArgs,
+    /// File holding the cluster secret: only peers that prove it are served (TLS 1.3 mutual
+    /// authentication on both transports). Without it, any peer that reaches --listen can use the
+    /// worker.
+    #[arg(long)]
+    cluster_key_file: Option<PathBuf>,
+    /// Manifest the assigned tensors are checked against before they are served (default:
+    /// moeshard.manifest.json beside the checkpoint, when there is one).
+    #[arg(long)]
+    manifest: Option<PathBuf>,
     /// Exit when stdin reaches end of file (for workers started by a coordinator, so they never
     /// outlive it).
     #[arg(long)]
@@ -59,6 +69,15 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
     let (cfg, ckpt) = open_checkpoint(&a.model, &a.synthetic, &a.quant)?;
     let core = WorkerCore::from_checkpoint(&a.model, cfg, ckpt, a.capacity)
         .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
+    let core = match &a.manifest {
+        Some(m) => core.with_manifest(m)?,
+        None => core,
+    };
+    let key = a
+        .cluster_key_file
+        .as_deref()
+        .map(ClusterKey::from_file)
+        .transpose()?;
     if a.exit_with_parent {
         std::thread::spawn(|| {
             let mut stdin = std::io::stdin().lock();
@@ -81,7 +100,7 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
     let join = a.join.is_some();
     let announcement = std::sync::Mutex::new(None);
     let mut announce_error = None;
-    let serve = moeshard_worker::serve(Arc::new(core), a.listen, transport, |addr| {
+    let serve = moeshard_worker::serve(Arc::new(core), a.listen, transport, key, |addr| {
         // The one line on stdout: a parent reads the port from it.
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "{}", listening_line(addr, transport));
@@ -202,12 +221,21 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
     };
     let rpc_timeout = secs(args.rpc_timeout, "--rpc-timeout")?;
     let connect_timeout = secs(args.connect_timeout, "--connect-timeout")?;
+    let mut cluster_key = args
+        .cluster_key_file
+        .as_deref()
+        .map(ClusterKey::from_file)
+        .transpose()?;
     let local_workers = if args.local_workers > 0 {
         let exe = std::env::current_exe().context("finding the moeshard binary")?;
         let mut cfg =
             LocalWorkersConfig::new(exe, dir.to_path_buf(), transport, args.local_workers);
         cfg.extra_args = syn.worker_args();
         cfg.extra_args.extend(args.quant.worker_args());
+        match &args.cluster_key_file {
+            Some(p) => cfg.cluster_key_file = Some(p.clone()),
+            None => cluster_key = Some(cfg.with_generated_key()?),
+        }
         if !args.local_capacities.is_empty() {
             if args.local_capacities.len() != args.local_workers {
                 bail!(
@@ -232,6 +260,9 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         rpc_timeout,
         connect_timeout,
         local_capacity: args.coordinator_capacity,
+        replicas: usize::from(args.replicas.max(1)),
+        cluster_key,
+        heartbeat_timeout: rpc_timeout.min(ClusterOptions::default().heartbeat_timeout),
         ..ClusterOptions::default()
     };
     let experts = ClusterExperts::connect(dir, &model.cfg, &ckpt, &opts)

@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod discovery;
 mod doctor;
+mod manifest;
 mod plan;
 mod quantize;
 mod serve;

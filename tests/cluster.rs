@@ -2,8 +2,9 @@
 //!
 //! Distributed must equal single-process to the bit (logits .npy bytes, greedy text), for every
 //! fixture and 1, 2 and 3 workers with uneven capacities; two coordinators can share workers; and
-//! every failure (unreachable worker, other model, worker killed mid-generation) is reported with
-//! the worker's address (and the layer) within a bounded time.
+//! every failure (unreachable worker, other model, worker killed mid-generation with no room left
+//! on the survivors) is reported with the worker's address (and the layer) within a bounded time.
+//! Failover itself is tested in tests/failover.rs.
 
 #![allow(clippy::unwrap_used)] // test set-up: a failure should stop the test loudly
 
@@ -295,11 +296,24 @@ fn a_worker_serving_another_model_is_refused_with_both_fingerprints() {
     }
 }
 
+/// A capacity for each of two workers that holds its share plus one expert: when one dies, the
+/// survivor cannot take all of its experts, so failover must give up.
+fn room_for_half_plus_one(name: &str) -> Option<u64> {
+    let dir = fixture(name);
+    let (model, ckpt) = Model::load(&dir).unwrap();
+    let cfg = &model.cfg;
+    let first = cfg.moe_layers().next().map(|l| (l, 0));
+    let eb = moeshard_engine::experts::stored_bytes(cfg, &ckpt, first).unwrap();
+    let total = (cfg.moe_layers().count() * cfg.num_experts) as u64;
+    Some((total.div_ceil(2) + 1) * eb)
+}
+
 #[test]
-fn a_worker_killed_mid_generation_fails_it_naming_worker_and_layer() {
+fn a_worker_killed_mid_generation_fails_it_naming_worker_and_layer_when_no_survivor_has_room() {
     let name = "qwen3_moe_tiny";
+    let cap = room_for_half_plus_one(name);
     for transport in TRANSPORTS {
-        let mut w = workers(&fixture(name), transport, &[None, None]);
+        let mut w = workers(&fixture(name), transport, &[cap, cap]);
         let victim = w.addrs()[1].clone();
         let list = w.addrs().join(",");
         let mut child = spawn_generate(
@@ -375,11 +389,12 @@ fn same_bits(a: &[f32], b: &[f32]) -> bool {
 }
 
 #[test]
-fn after_a_worker_dies_every_later_request_fails_clearly_and_quickly() {
+fn after_a_worker_dies_with_no_room_left_every_later_request_fails_clearly_and_quickly() {
     let name = "qwen2_moe_tiny";
     let tokens = ids(&reference(name)["tokens"]);
+    let cap = room_for_half_plus_one(name);
     for transport in TRANSPORTS {
-        let mut w = workers(&fixture(name), transport, &[None, None]);
+        let mut w = workers(&fixture(name), transport, &[cap, cap]);
         let victim = w.addrs()[0].clone();
         let (model, cluster, local) = connect(name, w.addrs(), transport);
         let want = all_logits(&model, &local, &tokens).unwrap();

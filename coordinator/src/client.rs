@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::frame::{read_frame, write_frame};
 use moeshard_proto::v1::envelope::Msg;
 use moeshard_proto::v1::expert_worker_client::ExpertWorkerClient;
@@ -11,7 +12,7 @@ use moeshard_proto::v1::{
     AssignRequest, AssignResponse, Envelope, ExpertBatchRequest, ExpertBatchResponse,
     HealthRequest, HealthResponse, HelloRequest, HelloResponse, StatsRequest, StatsResponse,
 };
-use moeshard_proto::{MAX_FRAME_BYTES, Transport, tls};
+use moeshard_proto::{MAX_FRAME_BYTES, Transport, grpc_tls, tls};
 use tonic::transport::{Channel, Endpoint};
 
 /// Why a call to a worker failed; the caller adds the worker and the layer.
@@ -42,6 +43,8 @@ fn from_status(s: tonic::Status) -> CallError {
     match s.code() {
         // tonic reports transport failures (refused, reset, closed) as Unavailable/Unknown
         // with no worker-made message.
+        // A link that breaks at the HTTP/2 level (e.g. a TLS worker reached in plaintext) is a
+        // connection failure too, not the worker's answer.
         tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled => {
             let mut msg = s.message().to_string();
             let mut src = std::error::Error::source(&s);
@@ -51,6 +54,9 @@ fn from_status(s: tonic::Status) -> CallError {
                 src = inner.source();
             }
             CallError::Connection(msg)
+        }
+        tonic::Code::Internal if s.message().starts_with("h2 protocol error") => {
+            CallError::Connection(s.message().to_string())
         }
         code => CallError::Status {
             code,
@@ -104,6 +110,16 @@ impl Client {
         addr: &str,
         transport: Transport,
         connect_timeout: Duration,
+        key: Option<&ClusterKey>,
+    ) -> Result<Self, CallError> {
+        Self::connect_inner(addr, transport, connect_timeout, key).await
+    }
+
+    async fn connect_inner(
+        addr: &str,
+        transport: Transport,
+        connect_timeout: Duration,
+        key: Option<&ClusterKey>,
     ) -> Result<Self, CallError> {
         match transport {
             Transport::Grpc => {
@@ -116,10 +132,25 @@ impl Client {
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(16 << 20)
                     .initial_connection_window_size(64 << 20);
-                let channel = match tokio::time::timeout(connect_timeout, endpoint.connect()).await
-                {
+                let connecting = async {
+                    match key {
+                        Some(k) => {
+                            let connector = grpc_tls::Connector::new(k)
+                                .map_err(|e| CallError::Connection(e.to_string()))?;
+                            endpoint
+                                .connect_with_connector(connector)
+                                .await
+                                .map_err(|e| CallError::Connection(error_chain(&e)))
+                        }
+                        None => endpoint
+                            .connect()
+                            .await
+                            .map_err(|e| CallError::Connection(error_chain(&e))),
+                    }
+                };
+                let channel = match tokio::time::timeout(connect_timeout, connecting).await {
                     Ok(Ok(c)) => c,
-                    Ok(Err(e)) => return Err(CallError::Connection(error_chain(&e))),
+                    Ok(Err(e)) => return Err(e),
                     Err(_) => {
                         return Err(CallError::Connection(format!(
                             "no connection within {connect_timeout:?}"
@@ -142,7 +173,7 @@ impl Client {
                 let mut endpoint = quinn::Endpoint::client(bind)
                     .map_err(|e| CallError::Connection(format!("cannot open a UDP socket: {e}")))?;
                 endpoint.set_default_client_config(
-                    tls::client_config().map_err(|e| CallError::Connection(e.to_string()))?,
+                    tls::client_config(key).map_err(|e| CallError::Connection(e.to_string()))?,
                 );
                 let conn = quic_connect(&endpoint, addr, connect_timeout).await?;
                 Ok(Client::Quic(QuicClient {
@@ -249,6 +280,40 @@ fn unexpected(msg: &Msg) -> CallError {
         Msg::Error(_) => "Error",
     };
     CallError::Protocol(format!("unexpected {name}"))
+}
+
+/// A connection failure with a hint when it reads like a refused TLS authentication: with a key,
+/// a handshake or certificate failure; without one, a link that breaks at once (the worker speaks
+/// TLS and wants a key).
+pub(crate) fn auth_hint(msg: String, has_key: bool) -> String {
+    let m = msg.to_ascii_lowercase();
+    // Nobody there, or nobody answering: not an authentication matter.
+    let absent = [
+        "refused",
+        "no connection within",
+        "no quic handshake within",
+        "resolve",
+        "no answer within",
+    ]
+    .iter()
+    .any(|k| m.contains(k));
+    let tls_words = ["certificate", "cluster's key", "alert", "handshake", "tls"]
+        .iter()
+        .any(|k| m.contains(k));
+    if absent {
+        msg
+    } else if has_key && tls_words {
+        format!(
+            "TLS authentication failed (does the worker use the same --cluster-key-file?): {msg}"
+        )
+    } else if !has_key {
+        format!(
+            "TLS authentication failed? (this coordinator has no --cluster-key-file; does the \
+             worker require one?): {msg}"
+        )
+    } else {
+        msg
+    }
 }
 
 /// The error and its causes on one line (tonic's transport errors hide the useful part).

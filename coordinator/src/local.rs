@@ -9,9 +9,11 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::{Transport, parse_listening_line};
 use tracing::{info, warn};
 
@@ -34,6 +36,10 @@ pub struct LocalWorkersConfig {
     pub quiet: bool,
     /// More arguments for every worker's command line (e.g. `--synthetic`).
     pub extra_args: Vec<String>,
+    /// A cluster key file the workers require of their peers (`--cluster-key-file`).
+    pub cluster_key_file: Option<PathBuf>,
+    /// Delete `cluster_key_file` once the workers have read it (a generated key).
+    delete_key_file: bool,
 }
 
 impl LocalWorkersConfig {
@@ -47,7 +53,27 @@ impl LocalWorkersConfig {
             startup_timeout: Duration::from_secs(30),
             quiet: false,
             extra_args: Vec::new(),
+            cluster_key_file: None,
+            delete_key_file: false,
         }
+    }
+
+    /// Makes a fresh random cluster key for these workers (in a file readable by this user only,
+    /// deleted once they have read it) and returns it for the coordinator.
+    pub fn with_generated_key(&mut self) -> Result<ClusterKey> {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "moeshard-cluster-key-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let key = ClusterKey::generate_file(&path).map_err(|e| CoordinatorError::LocalWorker {
+            index: 0,
+            msg: e.to_string(),
+        })?;
+        self.cluster_key_file = Some(path);
+        self.delete_key_file = true;
+        Ok(key)
     }
 }
 
@@ -64,6 +90,18 @@ pub struct LocalWorkers {
 impl LocalWorkers {
     /// Starts the workers and waits until each has printed its address.
     pub fn start(cfg: &LocalWorkersConfig) -> Result<Self> {
+        let r = Self::start_inner(cfg);
+        if cfg.delete_key_file
+            && let Some(p) = &cfg.cluster_key_file
+        {
+            // Every worker has read it by now (they print their address after loading the key),
+            // or failed.
+            let _ = std::fs::remove_file(p);
+        }
+        r
+    }
+
+    fn start_inner(cfg: &LocalWorkersConfig) -> Result<Self> {
         let mut started = Vec::with_capacity(cfg.capacities.len());
         // Start all first, then read their lines: they load in parallel.
         for (index, capacity) in cfg.capacities.iter().enumerate() {
@@ -88,6 +126,9 @@ impl LocalWorkers {
                 });
             if let Some(c) = capacity {
                 cmd.arg("--capacity").arg(c.to_string());
+            }
+            if let Some(k) = &cfg.cluster_key_file {
+                cmd.arg("--cluster-key-file").arg(k);
             }
             let mut child = cmd.spawn().map_err(|e| CoordinatorError::LocalWorker {
                 index,

@@ -154,6 +154,73 @@ pub fn place(
     Ok(Placement { hosts: n, owners })
 }
 
+/// Every expert's hosts in order of preference, per MoE layer: the owner in the placement first,
+/// then its replicas.
+pub type Holders = BTreeMap<usize, Vec<Vec<usize>>>;
+
+/// The holders of `primary` with up to `copies - 1` replicas of each expert on other hosts.
+///
+/// Only hosts `0..capacities.len()` (the workers) take replicas, each within its capacity left
+/// after its own share. Experts listed in `hot` get their replicas first (the rest follow in
+/// layer and expert order), so when capacity runs short it is the cold experts that go without.
+/// A host's replicas are spread over all the other hosts, so when it dies its load is shared by
+/// all survivors rather than doubled on one. Pure and deterministic.
+pub fn replicate(
+    primary: &Placement,
+    capacities: &[u64],
+    expert_bytes: u64,
+    copies: usize,
+    hot: &[(usize, usize)],
+) -> Holders {
+    let mut holders: Holders = primary
+        .owners
+        .iter()
+        .map(|(&l, owners)| (l, owners.iter().map(|&h| vec![h]).collect()))
+        .collect();
+    let n = capacities.len().min(primary.hosts);
+    if copies <= 1 || n < 2 {
+        return holders;
+    }
+    let counts = primary.counts();
+    let mut spare: Vec<u64> = (0..n)
+        .map(|i| capacities[i].saturating_sub((counts[i] as u64).saturating_mul(expert_bytes)))
+        .collect();
+    let exists = |&(l, e): &(usize, usize)| primary.owner(l, e).is_some();
+    let mut order: Vec<(usize, usize)> = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for &x in hot.iter().filter(|x| exists(x)) {
+        if seen.insert(x) {
+            order.push(x);
+        }
+    }
+    for (&l, owners) in &primary.owners {
+        for e in 0..owners.len() {
+            if seen.insert((l, e)) {
+                order.push((l, e));
+            }
+        }
+    }
+    for k in 1..copies {
+        for &(l, e) in &order {
+            let Some(hs) = holders.get_mut(&l).and_then(|v| v.get_mut(e)) else {
+                continue;
+            };
+            let owner = hs[0];
+            let start = if owner < n { owner } else { (l + e) % n };
+            let skip = 1 + (l + e + k - 1) % (n - 1);
+            for j in 0..n {
+                let c = (start + skip + j) % n;
+                if !hs.contains(&c) && spare[c] >= expert_bytes {
+                    hs.push(c);
+                    spare[c] -= expert_bytes;
+                    break;
+                }
+            }
+        }
+    }
+    holders
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,5 +389,54 @@ mod tests {
             place(&h, &layers, 16, 1).unwrap(),
             place(&h, &layers, 16, 1).unwrap()
         );
+    }
+
+    #[test]
+    fn replicas_spread_over_the_others_within_capacity() {
+        const BIG: u64 = 1 << 40;
+        let layers = [0, 1];
+        let p = place(&hosts(&[BIG, BIG, BIG]), &layers, 6, 1).unwrap();
+        // One copy: the placement itself.
+        let one = replicate(&p, &[BIG; 3], 1, 1, &[]);
+        for &l in &layers {
+            for (e, hs) in one[&l].iter().enumerate() {
+                assert_eq!(hs, &vec![p.owner(l, e).unwrap()]);
+            }
+        }
+        // Two copies: every expert on two distinct hosts, the owner first.
+        let two = replicate(&p, &[BIG; 3], 1, 2, &[]);
+        let mut took = [0usize; 3];
+        for &l in &layers {
+            for (e, hs) in two[&l].iter().enumerate() {
+                assert_eq!(hs.len(), 2, "layer {l} expert {e}");
+                assert_eq!(hs[0], p.owner(l, e).unwrap());
+                assert_ne!(hs[0], hs[1]);
+                if hs[0] == 0 {
+                    took[hs[1]] += 1;
+                }
+            }
+        }
+        // Host 0's experts are replicated on both other hosts, not piled on one.
+        assert!(took[1] > 0 && took[2] > 0, "{took:?}");
+        // Three copies on three hosts: everything everywhere.
+        let three = replicate(&p, &[BIG; 3], 1, 3, &[]);
+        assert!(three.values().flatten().all(|hs| hs.len() == 3));
+        assert_eq!(three, replicate(&p, &[BIG; 3], 1, 3, &[]), "deterministic");
+    }
+
+    #[test]
+    fn hot_experts_get_the_scarce_replica_room_first() {
+        // Two hosts, 4 experts of one layer, 2 each; each host has room for one more.
+        let p = place(&hosts(&[3, 3]), &[0], 4, 1).unwrap();
+        let hot = [(0, 3), (0, 0), (7, 1)]; // a layer that does not exist is ignored
+        let h = replicate(&p, &[3, 3], 1, 2, &hot);
+        let counts: Vec<usize> = h[&0].iter().map(Vec::len).collect();
+        assert_eq!(counts, vec![2, 1, 1, 2], "{h:?}");
+        // A coordinator share (host 2, beyond the capacities given) takes no replicas.
+        let p = place(&hosts(&[10, 10, 10]), &[0], 3, 1).unwrap();
+        let h = replicate(&p, &[10, 10], 1, 3, &[]);
+        for hs in &h[&0] {
+            assert!(hs[1..].iter().all(|&x| x < 2), "{hs:?}");
+        }
     }
 }

@@ -7,8 +7,12 @@
 //!   length, checked against [`MAX_FRAME_BYTES`] before anything is allocated.
 //! - [`tensor`]: activations as raw little-endian bytes, and their checks.
 //! - [`tls`]: the TLS 1.3 (rustls with ring) set-up of the QUIC endpoints.
+//! - [`auth`]: the cluster key and the mutual TLS authentication both transports derive from it.
+//! - [`grpc_tls`]: gRPC over TLS with that authentication (listener and connector).
 
+pub mod auth;
 pub mod frame;
+pub mod grpc_tls;
 pub mod tensor;
 pub mod tls;
 
@@ -25,6 +29,17 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// frames alike). A prefill chunk of 256 tokens at hidden size 8192 in f32 is 8 MiB; this leaves
 /// room for big batches while keeping a malicious length from allocating gigabytes.
 pub const MAX_FRAME_BYTES: usize = 256 << 20;
+
+/// Most tokens (hidden states) one expert batch may carry: a prefill chunk of a few thousand
+/// tokens fits; beyond it a batch is refused before any work.
+pub const MAX_BATCH_TOKENS: usize = 1 << 16;
+
+/// Most (token, expert, weight) rows one expert batch may carry.
+pub const MAX_BATCH_ROWS: usize = 1 << 20;
+
+/// Most requests a worker runs at once per connection (QUIC streams, HTTP/2 streams); more wait
+/// in the transport's flow control rather than in memory.
+pub const MAX_CONCURRENT_REQUESTS: u32 = 64;
 
 /// Which wire carries the messages between the coordinator and a worker.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -114,6 +129,12 @@ pub enum ProtoError {
     #[error("bad tensor bytes: {msg}")]
     BadTensor {
         /// What is wrong (expected vs found).
+        msg: String,
+    },
+    /// A cluster key is missing, unreadable or too short.
+    #[error("cluster key: {msg}")]
+    Key {
+        /// What is wrong, with the file's path.
         msg: String,
     },
     /// TLS or certificate set-up failed.

@@ -1,13 +1,10 @@
 //! TLS 1.3 for QUIC: rustls with the `ring` provider only (aws-lc and ring together make rustls
 //! panic at start).
 //!
-//! Trust model for now: a worker makes a self-signed certificate when it starts, and the
-//! coordinator checks the handshake signature against that certificate (so the session keys are
-//! bound to it) but does not decide whether to trust the certificate itself. Mutual
-//! authentication from a shared cluster key slots in here and nowhere else: [`server_config`]
-//! will derive the worker's certificate from the key and require a client certificate with a
-//! client verifier in place of `with_no_client_auth`, and [`client_config`] will replace
-//! [`AcceptAnyServerCert`] with a verifier that accepts only certificates made from that key.
+//! With a [`ClusterKey`], both ends present the certificate derived from it and accept only that
+//! one (mutual authentication, see [`crate::auth`]). Without one, a worker makes a throw-away
+//! self-signed certificate and the coordinator accepts any (the link is encrypted but neither
+//! end is authenticated): only for trusted networks and loopback.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,10 +15,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 
+use crate::auth::ClusterKey;
 use crate::{ALPN, ProtoError, Result};
 
-/// Name the worker's certificate is made for and the coordinator asks for.
-pub const SERVER_NAME: &str = "moeshard-worker";
+pub use crate::auth::SERVER_NAME;
 
 /// How long a QUIC connection may be silent before it is declared dead. Keep-alives are sent at a
 /// third of this, so only a dead or unreachable peer hits it.
@@ -31,9 +28,7 @@ fn tls_err(e: impl std::fmt::Display) -> ProtoError {
     ProtoError::Tls { msg: e.to_string() }
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+use crate::auth::provider;
 
 /// Transport settings both ends use: idle timeout, keep-alive, and stream windows sized for
 /// prefill batches.
@@ -47,11 +42,25 @@ pub fn transport_config() -> quinn::TransportConfig {
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
     t.receive_window(quinn::VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(crate::MAX_CONCURRENT_REQUESTS));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t
 }
 
-/// Server configuration with a fresh self-signed certificate.
-pub fn server_config() -> Result<quinn::ServerConfig> {
+/// Server configuration: mutual authentication from `key`, or (without one) a fresh self-signed
+/// certificate and no client authentication.
+pub fn server_config(key: Option<&ClusterKey>) -> Result<quinn::ServerConfig> {
+    let tls = match key {
+        Some(k) => crate::auth::server_config(k, ALPN)?,
+        None => unauthenticated_server()?,
+    };
+    let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport_config()));
+    Ok(cfg)
+}
+
+fn unauthenticated_server() -> Result<rustls::ServerConfig> {
     let ck = rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).map_err(tls_err)?;
     let cert: CertificateDer<'static> = ck.cert.der().clone();
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
@@ -63,14 +72,23 @@ pub fn server_config() -> Result<quinn::ServerConfig> {
         .map_err(tls_err)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let crypto = QuicServerConfig::try_from(tls).map_err(tls_err)?;
-    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    Ok(tls)
+}
+
+/// Client configuration: mutual authentication from `key`, or (without one) acceptance of any
+/// worker certificate (see the module docs).
+pub fn client_config(key: Option<&ClusterKey>) -> Result<quinn::ClientConfig> {
+    let tls = match key {
+        Some(k) => crate::auth::client_config(k, ALPN)?,
+        None => unauthenticated_client()?,
+    };
+    let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport_config()));
     Ok(cfg)
 }
 
-/// Client configuration that accepts the worker's self-signed certificate (see the module docs).
-pub fn client_config() -> Result<quinn::ClientConfig> {
+fn unauthenticated_client() -> Result<rustls::ClientConfig> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -79,10 +97,7 @@ pub fn client_config() -> Result<quinn::ClientConfig> {
         .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert { provider }))
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = QuicClientConfig::try_from(tls).map_err(tls_err)?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport_config()));
-    Ok(cfg)
+    Ok(tls)
 }
 
 /// Accepts any server certificate but still verifies the handshake signature made with it.
@@ -142,7 +157,10 @@ mod tests {
 
     #[test]
     fn configs_build_with_ring() {
-        server_config().unwrap();
-        client_config().unwrap();
+        server_config(None).unwrap();
+        client_config(None).unwrap();
+        let k = ClusterKey::from_secret(b"0123456789abcdef").unwrap();
+        server_config(Some(&k)).unwrap();
+        client_config(Some(&k)).unwrap();
     }
 }

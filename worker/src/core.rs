@@ -16,9 +16,10 @@ use moeshard_proto::v1::{
     AssignRequest, AssignResponse, Dtype, ExpertBatchRequest, ExpertBatchResponse, HealthResponse,
     HelloRequest, HelloResponse, StatsResponse,
 };
-use moeshard_proto::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
-use tracing::{debug, info};
+use moeshard_proto::{MAX_BATCH_ROWS, MAX_BATCH_TOKENS, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use tracing::{debug, info, warn};
 
+use crate::manifest::{self, MANIFEST_FILE, Manifest};
 use crate::{Result, WorkerError};
 
 #[derive(Default)]
@@ -48,6 +49,13 @@ pub struct WorkerCore {
     hosted: RwLock<Hosted>,
     /// Serialises assignments so two coordinators' unions cannot race.
     assigning: Mutex<()>,
+    /// Hashes the assigned tensors are checked against before they are served.
+    manifest: Option<Manifest>,
+    /// Fingerprint of the checkpoint as stored (without quantization on load), as manifests
+    /// record it.
+    stored_fingerprint: String,
+    /// Tensors already checked against the manifest.
+    verified: Mutex<BTreeSet<String>>,
     counters: Counters,
 }
 
@@ -82,10 +90,21 @@ impl WorkerCore {
     pub fn from_checkpoint(
         dir: &Path,
         cfg: ModelConfig,
-        ckpt: Checkpoint,
+        mut ckpt: Checkpoint,
         capacity: Option<u64>,
     ) -> Result<Self> {
         let fingerprint = model_fingerprint(dir, &ckpt)?;
+        // A manifest describes the files as stored: compare it with the fingerprint of the
+        // checkpoint without the quantization applied on load.
+        let stored_fingerprint = match ckpt.quantize() {
+            None => fingerprint.clone(),
+            Some(q) => {
+                ckpt.set_quantize(None);
+                let fp = model_fingerprint(dir, &ckpt);
+                ckpt.set_quantize(Some(q));
+                fp?
+            }
+        };
         let mut files = BTreeSet::new();
         for name in ckpt.names() {
             if let Some((path, _)) = ckpt.info(name)
@@ -99,7 +118,28 @@ impl WorkerCore {
             Some(c) => c,
             None => bytes_of(&cfg, &ckpt, &all)?,
         };
+        let manifest = if ckpt.is_synthetic() {
+            None
+        } else {
+            let path = dir.join(MANIFEST_FILE);
+            if path.is_file() {
+                Some(manifest::load(&path)?)
+            } else {
+                info!(
+                    model = %dir.display(),
+                    "no {MANIFEST_FILE} beside the checkpoint: the weights served are not \
+                     verified (make one with `moeshard manifest` from a good copy)"
+                );
+                None
+            }
+        };
+        if let Some(m) = &manifest {
+            check_manifest_model(m, &stored_fingerprint, &dir.join(MANIFEST_FILE))?;
+        }
         let core = WorkerCore {
+            manifest,
+            stored_fingerprint,
+            verified: Mutex::new(BTreeSet::new()),
             hosted: RwLock::new(Hosted {
                 experts: Arc::new(LocalExperts::new(cfg.hidden_size, Default::default())),
                 bytes: 0,
@@ -120,6 +160,68 @@ impl WorkerCore {
             "worker opened its checkpoint"
         );
         Ok(core)
+    }
+
+    /// Checks the tensors it serves against the manifest at `path` (instead of the one beside
+    /// the checkpoint, if any).
+    pub fn with_manifest(mut self, path: &Path) -> Result<Self> {
+        let m = manifest::load(path)?;
+        check_manifest_model(&m, &self.stored_fingerprint, path)?;
+        self.manifest = Some(m);
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(self)
+    }
+
+    /// Whether served tensors are checked against a manifest.
+    pub fn verifies_weights(&self) -> bool {
+        self.manifest.is_some()
+    }
+
+    /// Checks the tensors of `experts` not checked yet against the manifest, in parallel.
+    fn verify_experts(&self, experts: &[(usize, usize)]) -> Result<()> {
+        let Some(m) = &self.manifest else {
+            return Ok(());
+        };
+        let names: Vec<String> = {
+            let done = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            experts
+                .iter()
+                .flat_map(|&(l, e)| {
+                    let n = self.cfg.expert_tensor_names(l, e);
+                    [n.gate_proj, n.up_proj, n.down_proj]
+                })
+                .filter(|n| !done.contains(n))
+                .collect()
+        };
+        if names.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let bad = manifest::verify(&self.ckpt, m, Some(&names), &|_| {})?;
+        if let Some(first) = bad.first() {
+            for b in &bad {
+                warn!("{b}");
+            }
+            return Err(WorkerError::TamperedTensor {
+                tensor: first.tensor.clone(),
+                file: first.file.clone(),
+                what: first.what.clone(),
+                others: bad.len() - 1,
+            });
+        }
+        info!(
+            tensors = names.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "assigned tensors match the manifest"
+        );
+        self.verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(names);
+        Ok(())
     }
 
     /// The model's configuration.
@@ -200,6 +302,8 @@ impl WorkerCore {
                 capacity: self.capacity,
             });
         }
+        // Every tensor is checked against the manifest before it can be served.
+        self.verify_experts(&want)?;
         // Maps views over the assigned tensors only; no weight byte is read here.
         let experts = LocalExperts::load(&self.cfg, &self.ckpt, want.iter().copied())?;
         let n = want.len();
@@ -286,6 +390,17 @@ impl WorkerCore {
             )));
         }
         let n_tokens = req.n_tokens as usize;
+        if n_tokens > MAX_BATCH_TOKENS {
+            return Err(bad(format!(
+                "{n_tokens} tokens exceed the limit of {MAX_BATCH_TOKENS} per batch"
+            )));
+        }
+        if req.tokens.len() > MAX_BATCH_ROWS {
+            return Err(bad(format!(
+                "{} rows exceed the limit of {MAX_BATCH_ROWS} per batch",
+                req.tokens.len()
+            )));
+        }
         let values = n_tokens
             .checked_mul(h)
             .filter(|v| v.saturating_mul(4) <= MAX_FRAME_BYTES)
@@ -354,6 +469,19 @@ impl WorkerCore {
             compute_us,
         })
     }
+}
+
+fn check_manifest_model(m: &Manifest, fingerprint: &str, path: &Path) -> Result<()> {
+    if m.model_fingerprint != fingerprint {
+        return Err(WorkerError::Manifest {
+            msg: format!(
+                "{} is for model {}, the checkpoint is model {fingerprint}",
+                path.display(),
+                m.model_fingerprint
+            ),
+        });
+    }
+    Ok(())
 }
 
 fn all_experts(cfg: &ModelConfig) -> impl Iterator<Item = (usize, usize)> + '_ {

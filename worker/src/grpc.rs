@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use moeshard_proto::MAX_FRAME_BYTES;
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::v1::expert_worker_server::{ExpertWorker, ExpertWorkerServer};
 use moeshard_proto::v1::{
     AssignRequest, AssignResponse, ExpertBatchRequest, ExpertBatchResponse, HealthRequest,
     HealthResponse, HelloRequest, HelloResponse, StatsRequest, StatsResponse,
 };
+use moeshard_proto::{MAX_CONCURRENT_REQUESTS, MAX_FRAME_BYTES, grpc_tls};
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
@@ -69,6 +70,7 @@ impl ExpertWorker for GrpcWorker {
 pub(crate) async fn serve(
     core: Arc<WorkerCore>,
     listen: SocketAddr,
+    key: Option<ClusterKey>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
     let bind_err = |source| WorkerError::Bind {
@@ -79,19 +81,28 @@ pub(crate) async fn serve(
         .await
         .map_err(bind_err)?;
     let addr = listener.local_addr().map_err(bind_err)?;
-    // Decode is latency-bound: small messages must leave at once.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let service = ExpertWorkerServer::new(GrpcWorker(core))
         .max_decoding_message_size(MAX_FRAME_BYTES)
         .max_encoding_message_size(MAX_FRAME_BYTES);
-    on_listening(addr);
     // Prefill batches are megabytes: windows big enough that a request needs no round trip for
     // flow control on a fast link.
-    Server::builder()
+    let router = Server::builder()
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(64 << 20)
-        .add_service(service)
-        .serve_with_incoming(incoming)
-        .await?;
+        .max_concurrent_streams(Some(MAX_CONCURRENT_REQUESTS))
+        .add_service(service);
+    match key {
+        Some(key) => {
+            let incoming = grpc_tls::incoming(listener, &key)?;
+            on_listening(addr);
+            router.serve_with_incoming(incoming).await?;
+        }
+        None => {
+            // Decode is latency-bound: small messages must leave at once.
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            on_listening(addr);
+            router.serve_with_incoming(incoming).await?;
+        }
+    }
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 mod core;
 mod grpc;
+pub mod manifest;
 mod quic;
 
 use std::net::SocketAddr;
@@ -16,6 +17,7 @@ use std::sync::Arc;
 
 pub use core::{WorkerCore, resident_bytes};
 use moeshard_proto::Transport;
+use moeshard_proto::auth::ClusterKey;
 
 /// Errors of the worker.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +88,28 @@ pub enum WorkerError {
         /// What is wrong.
         msg: String,
     },
+    /// A manifest could not be read, made or used.
+    #[error("manifest: {msg}")]
+    Manifest {
+        /// What is wrong, with the path.
+        msg: String,
+    },
+    /// A tensor to be served does not match the manifest: the weights were altered or damaged.
+    #[error(
+        "refusing to serve tensor {tensor} ({}): {what}{}",
+        file.display(),
+        if *others > 0 { format!(" (and {others} more tensors)") } else { String::new() }
+    )]
+    TamperedTensor {
+        /// The tensor's name.
+        tensor: String,
+        /// Its file.
+        file: std::path::PathBuf,
+        /// What differs.
+        what: String,
+        /// How many other tensors of the assignment differ too.
+        others: usize,
+    },
     /// The compute pool dropped a job without answering.
     #[error("the compute job for layer {layer} was lost")]
     JobLost {
@@ -100,14 +124,17 @@ impl WorkerError {
         use tonic::Code;
         match self {
             WorkerError::FingerprintMismatch { .. } => Code::FailedPrecondition,
+            WorkerError::Manifest { .. } => Code::FailedPrecondition,
+            WorkerError::TamperedTensor { .. } => Code::DataLoss,
             WorkerError::NotHosted { .. } => Code::FailedPrecondition,
             WorkerError::OverCapacity { .. } => Code::ResourceExhausted,
+            // A malformed frame or message is the sender's fault.
             WorkerError::NoSuchExpert { .. }
             | WorkerError::BadBatch { .. }
-            | WorkerError::BadRequest { .. } => Code::InvalidArgument,
+            | WorkerError::BadRequest { .. }
+            | WorkerError::Proto(_) => Code::InvalidArgument,
             WorkerError::Engine(_)
             | WorkerError::Bind { .. }
-            | WorkerError::Proto(_)
             | WorkerError::Grpc(_)
             | WorkerError::JobLost { .. } => Code::Internal,
         }
@@ -120,14 +147,27 @@ pub type Result<T, E = WorkerError> = std::result::Result<T, E>;
 /// Serves `core` on `listen` over `transport` until the process ends; `on_listening` is called
 /// with the bound address (the real port when `listen` asks for port 0) once connections are
 /// accepted.
+///
+/// With a cluster key, both transports run TLS 1.3 and serve only peers that prove the key (see
+/// `moeshard_proto::auth`); the others fail the handshake before any request. Without one, gRPC
+/// is plaintext and QUIC is encrypted but unauthenticated: for loopback and trusted networks.
 pub async fn serve(
     core: Arc<WorkerCore>,
     listen: SocketAddr,
     transport: Transport,
+    key: Option<ClusterKey>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
+    match &key {
+        Some(k) => tracing::info!(cluster = k.id(), "peers must prove the cluster key"),
+        None if !listen.ip().is_loopback() => tracing::warn!(
+            %listen,
+            "no cluster key: any peer that reaches this address can use this worker"
+        ),
+        None => {}
+    }
     match transport {
-        Transport::Grpc => grpc::serve(core, listen, on_listening).await,
-        Transport::Quic => quic::serve(core, listen, on_listening).await,
+        Transport::Grpc => grpc::serve(core, listen, key, on_listening).await,
+        Transport::Quic => quic::serve(core, listen, key, on_listening).await,
     }
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::frame::{read_frame, write_frame};
 use moeshard_proto::v1::envelope::Msg;
 use moeshard_proto::v1::{Envelope, ErrorResponse};
@@ -15,9 +16,10 @@ use crate::{Result, WorkerCore, WorkerError};
 pub(crate) async fn serve(
     core: Arc<WorkerCore>,
     listen: SocketAddr,
+    key: Option<ClusterKey>,
     on_listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
-    let config = tls::server_config()?;
+    let config = tls::server_config(key.as_ref())?;
     let endpoint = quinn::Endpoint::server(config, listen).map_err(|source| WorkerError::Bind {
         addr: listen,
         source,
@@ -36,7 +38,9 @@ pub(crate) async fn serve(
                     info!(%remote, "coordinator connected over QUIC");
                     serve_connection(core, conn).await;
                 }
-                Err(e) => warn!(%remote, "QUIC handshake failed: {e}"),
+                Err(e) => {
+                    warn!(%remote, "QUIC handshake failed (a peer without the cluster key?): {e}")
+                }
             }
         });
     }
