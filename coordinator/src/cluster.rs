@@ -724,7 +724,12 @@ impl ClusterMembership {
     /// Addresses of the workers now, in placement order.
     pub fn addrs(&self) -> Vec<String> {
         match self.shared.upgrade() {
-            Some(s) => s.topology().workers.iter().map(|w| w.addr.clone()).collect(),
+            Some(s) => s
+                .topology()
+                .workers
+                .iter()
+                .map(|w| w.addr.clone())
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -1121,11 +1126,11 @@ impl Shared {
                 }
                 out
             });
-            for (t, r) in results {
-                let w = &workers[t];
+            for (target, r) in results {
+                let w = &workers[target];
                 match r {
                     Ok(()) => {
-                        let set = &plan[&t];
+                        let set = &plan[&target];
                         w.assigned
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
@@ -1134,9 +1139,9 @@ impl Shared {
                         if let Some(v) = holders.get_mut(&layer) {
                             for &(_, e) in set {
                                 if let Some(hs) = v.get_mut(e)
-                                    && !hs.contains(&t)
+                                    && !hs.contains(&target)
                                 {
-                                    hs.push(t);
+                                    hs.push(target);
                                 }
                             }
                         }
