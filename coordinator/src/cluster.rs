@@ -98,7 +98,7 @@ pub struct WorkerInfo {
     pub worker_id: String,
     /// Capacity it offered, in bytes.
     pub capacity: u64,
-    /// Experts assigned to it (its share, replicas and experts re-homed on it).
+    /// Experts it holds (its share, replicas and experts re-homed on it).
     pub experts: usize,
     /// False while it is marked down.
     pub up: bool,
@@ -174,8 +174,26 @@ struct Topology {
 }
 
 impl Topology {
+    /// The workers, each with the number of experts it holds in this topology (its share,
+    /// replicas and experts re-homed on it).
     fn infos(&self) -> Vec<WorkerInfo> {
-        self.workers.iter().map(|w| w.info()).collect()
+        let mut counts = vec![0; self.workers.len()];
+        let holders = self.holders.read().unwrap_or_else(|p| p.into_inner());
+        for hs in holders.values().flatten() {
+            for &h in hs {
+                if let Some(c) = counts.get_mut(h) {
+                    *c += 1;
+                }
+            }
+        }
+        self.workers
+            .iter()
+            .zip(counts)
+            .map(|(w, experts)| WorkerInfo {
+                experts,
+                ..w.info()
+            })
+            .collect()
     }
 }
 
