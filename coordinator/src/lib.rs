@@ -15,6 +15,7 @@ pub mod stats;
 
 pub use cluster::{
     ClusterExperts, ClusterMembership, ClusterMonitor, ClusterOptions, WorkerInfo, probe_worker,
+    probe_worker_with_key,
 };
 pub use local::{LocalWorkers, LocalWorkersConfig};
 pub use moeshard_proto::Transport;
