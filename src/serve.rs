@@ -293,8 +293,8 @@ pub(crate) fn cmd_serve(mut a: ServeArgs) -> Result<()> {
     let single = a.cluster.workers.is_empty() && a.cluster.local_workers == 0;
     let synthetic = a.cluster.synthetic.synthetic;
     let preload = single && !synthetic && !a.no_preload;
-    // With --synthetic, --model may name a bare config.json.
-    let model_dir = if dir.is_file() {
+    // With --synthetic, --model may name a bare config.json; a .gguf file holds its tokenizer.
+    let model_dir = if dir.is_file() && !moeshard_engine::gguf_model::is_gguf(dir) {
         dir.parent().unwrap_or(Path::new("."))
     } else {
         dir.as_path()

@@ -550,3 +550,73 @@ fn unsupported_pre_tokenizer_is_named() {
         .unwrap_or_default();
     assert!(err.contains("tokenizer.ggml.model \"llama\""), "{err}");
 }
+
+/// `moeshard serve --model X.gguf` on a loopback port: returns the child and its address.
+fn serve(model: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(common::bin())
+        .args(["serve", "--model"])
+        .arg(model)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("listening on ") {
+                let _ = tx.send(addr.to_string());
+            }
+        }
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+        Ok(addr) => (child, addr),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve {} printed no address", model.display());
+        }
+    }
+}
+
+#[test]
+fn serve_answers_from_a_gguf_file_as_from_its_checkpoint() {
+    use moeshard_coordinator::serve::client;
+    let (file, dir) = SAME_WEIGHTS[0];
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Tell me about the robot"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let mut answers = Vec::new();
+    for model in [gguf(file), fixture(dir)] {
+        let (mut child, addr) = serve(&model);
+        let r = client::post_json(
+            &addr,
+            "/v1/chat/completions",
+            &[],
+            &body,
+            std::time::Duration::from_secs(60),
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+        let r = r.unwrap();
+        assert_eq!(r.status, 200, "{}", model.display());
+        let v = r.json().unwrap();
+        answers.push((
+            v["choices"][0]["message"]["content"].clone(),
+            v["usage"].clone(),
+        ));
+    }
+    assert!(
+        answers[0].0.as_str().is_some_and(|s| !s.is_empty()),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers[0], answers[1],
+        "GGUF and safetensors servers answer differently"
+    );
+}
