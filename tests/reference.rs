@@ -159,3 +159,34 @@ fn tokenizer_and_chat_template_match_transformers() {
         }
     }
 }
+
+/// The planner sizes each sequence's cache from config.json alone; after a prompt the engine's
+/// cache holds exactly that (latent + rope key for MLA, the fixed DeltaNet state, keys and values
+/// of full-attention layers), except that a sliding-window layer keeps one position fewer than
+/// its window between steps.
+#[test]
+fn planner_cache_bytes_match_the_engine_cache() {
+    for name in FIXTURES {
+        let text = std::fs::read_to_string(fixture(name).join("config.json")).unwrap();
+        let shape = moeshard_coordinator::plan::ModelShape::from_config_json(&text).unwrap();
+        let tokens = ids(&reference(name)["tokens"]);
+        let (model, experts) = load(name);
+        let mut cache = model.new_cache(tokens.len());
+        let mut steps = [SeqStep {
+            tokens: &tokens,
+            cache: &mut cache,
+            want: WantLogits::Last,
+        }];
+        model.forward(&mut steps, &experts).unwrap();
+        let got = cache.bytes() as u64;
+        let planned = shape.cache_bytes(tokens.len() as u64);
+        let slack = match shape.window_kv {
+            Some((elems, w)) if (w as usize) < tokens.len() => 4 * elems,
+            _ => 0,
+        };
+        assert!(
+            got <= planned && planned - got <= slack,
+            "{name}: engine cache {got} bytes, planner {planned} (slack {slack})"
+        );
+    }
+}

@@ -83,3 +83,39 @@ fn synthetic_layers_need_synthetic() {
     ]);
     assert!(!ok && err.contains("--synthetic"), "{err}");
 }
+
+#[test]
+fn new_architectures_run_from_a_bare_config() {
+    // MLA + grouped sigmoid routing, and Gated DeltaNet + gated attention: the synthetic index
+    // has every tensor they load, and workers make the same weights.
+    for name in [
+        "deepseek_v3_no_q_lora",
+        "deepseek_v3_tiny",
+        "qwen3_5_moe_tiny",
+        "qwen3_next_tiny",
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.json");
+        std::fs::copy(fixture(name).join("config.json"), &cfg).unwrap();
+        let cfg = cfg.to_str().unwrap();
+        let single = logits(&["--model", cfg, "--synthetic"]);
+        assert!(!single.is_empty(), "{name}");
+        let two = logits(&["--model", cfg, "--synthetic", "--local-workers", "2"]);
+        assert_eq!(single, two, "{name}: workers made other weights");
+    }
+    // GPT-OSS keeps its experts fused: refused with a reason, not a missing tensor.
+    let (ok, _, err) = run(&[
+        "logits",
+        "--model",
+        fixture("gpt_oss_tiny")
+            .join("config.json")
+            .to_str()
+            .unwrap(),
+        "--synthetic",
+        "--tokens",
+        "1",
+        "--out",
+        "/dev/null",
+    ]);
+    assert!(!ok && err.contains("gpt_oss"), "{err}");
+}

@@ -858,3 +858,102 @@ fn check_quantization(r: &Reader<'_>, q: &Value) -> Result<()> {
 pub fn config_path(dir: &Path) -> PathBuf {
     dir.join("config.json")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The Hub spelling of DeepSeek-V3's config (transformers-4 style: `rope_scaling` with
+    /// `type`, `scoring_func`, `quantization_config`), shapes cut down.
+    const DEEPSEEK_HUB: &str = r#"{"model_type":"deepseek_v3","hidden_size":64,
+        "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":4,
+        "q_lora_rank":32,"kv_lora_rank":16,"qk_nope_head_dim":16,"qk_rope_head_dim":8,
+        "v_head_dim":16,"n_routed_experts":8,"n_group":4,"topk_group":2,
+        "num_experts_per_tok":2,"first_k_dense_replace":3,"moe_intermediate_size":16,
+        "intermediate_size":48,"n_shared_experts":1,"norm_topk_prob":true,
+        "routed_scaling_factor":2.5,"scoring_func":"sigmoid","vocab_size":128,
+        "rope_theta":10000,"rope_scaling":{"type":"yarn","factor":40,"beta_fast":32,
+        "beta_slow":1,"mscale":1.0,"mscale_all_dim":1.0,
+        "original_max_position_embeddings":4096},
+        "quantization_config":{"activation_scheme":"dynamic","fmt":"e4m3",
+        "quant_method":"fp8","weight_block_size":[128,128]}}"#;
+
+    fn parse(text: &str) -> Result<ModelConfig> {
+        ModelConfig::from_json_str(text, Path::new("config.json"))
+    }
+
+    #[test]
+    fn deepseek_hub_config() {
+        let c = parse(DEEPSEEK_HUB).unwrap();
+        assert_eq!(c.arch, Arch::DeepseekV3);
+        assert_eq!(c.num_experts, 8);
+        assert_eq!(c.shared_expert_intermediate_size, Some(16));
+        assert_eq!(
+            c.layer_kinds,
+            [MlpKind::Dense, MlpKind::Dense, MlpKind::Dense, MlpKind::Moe]
+        );
+        assert_eq!(c.mla.unwrap().q_lora_rank, Some(32));
+        assert_eq!(c.head_dim, 8, "rope width");
+        assert!(c.rope_interleave);
+        assert!(matches!(
+            c.router,
+            RouterKind::SigmoidGrouped {
+                n_group: 4,
+                topk_group: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            c.rope_scaling,
+            RopeScaling::Yarn { factor, truncate: true, .. } if factor == 40.0
+        ));
+        // Kimi K2 names the same architecture otherwise.
+        let kimi = DEEPSEEK_HUB.replace("\"deepseek_v3\"", "\"kimi_k2\"");
+        assert_eq!(parse(&kimi).unwrap().arch, Arch::DeepseekV3);
+    }
+
+    #[test]
+    fn deepseek_config_errors_name_the_field() {
+        let cases = [
+            ("\"n_group\":4", "\"n_group\":3", "n_group"),
+            (
+                "\"scoring_func\":\"sigmoid\"",
+                "\"scoring_func\":\"softmax\"",
+                "scoring_func",
+            ),
+            ("[128,128]", "[64,64]", "weight_block_size"),
+            (
+                "\"quant_method\":\"fp8\"",
+                "\"quant_method\":\"gptq\"",
+                "gptq",
+            ),
+            ("\"type\":\"yarn\"", "\"type\":\"longrope\"", "longrope"),
+            (
+                "\"qk_rope_head_dim\":8",
+                "\"qk_rope_head_dim\":7",
+                "qk_rope_head_dim",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let text = DEEPSEEK_HUB.replace(from, to);
+            assert_ne!(text, DEEPSEEK_HUB, "{from}");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(want), "{to}: {err}");
+        }
+    }
+
+    #[test]
+    fn gpt_oss_layer_types_must_match_the_layers() {
+        let base = r#"{"model_type":"gpt_oss","hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "intermediate_size":32,"num_local_experts":4,"num_experts_per_tok":2,
+            "vocab_size":128,"sliding_window":8,
+            "layer_types":["sliding_attention","full_attention"]}"#;
+        let c = parse(base).unwrap();
+        assert_eq!(c.layer_windows, [Some(8), None]);
+        assert!(matches!(c.expert_act, ExpertAct::ClampedSwiGlu { .. }));
+        let short = base.replace(",\"full_attention\"", "");
+        let err = parse(&short).unwrap_err().to_string();
+        assert!(err.contains("layer_types"), "{err}");
+    }
+}

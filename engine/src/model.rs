@@ -737,6 +737,12 @@ pub fn synthetic_config(path: &Path, layers: Option<usize>) -> Result<ModelConfi
         })?;
         ModelConfig::from_json_str(&text, path)?
     };
+    if cfg.arch == Arch::GptOss {
+        // Its experts are fused over the whole layer: every expert would regenerate them all.
+        return Err(EngineError::Input(
+            "synthetic weights are not available for gpt_oss (its experts are stored fused)".into(),
+        ));
+    }
     if let Some(k) = layers {
         if k == 0 || k > cfg.num_hidden_layers {
             return Err(EngineError::Input(format!(

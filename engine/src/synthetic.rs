@@ -41,19 +41,65 @@ pub fn tensor_index(cfg: &ModelConfig, dtype: DType) -> BTreeMap<String, TensorI
         let a = format!("{p}.self_attn");
         t.push((format!("{p}.input_layernorm.weight"), vec![h]));
         t.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-        for (n, rows) in [("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)] {
-            t.push((format!("{a}.{n}_proj.weight"), vec![rows, h]));
-            if cfg.qkv_bias {
-                t.push((format!("{a}.{n}_proj.bias"), vec![rows]));
+        if let Some(m) = cfg.mla {
+            let qk = nh * m.qk_head_dim();
+            match m.q_lora_rank {
+                Some(r) => {
+                    t.push((format!("{a}.q_a_proj.weight"), vec![r, h]));
+                    t.push((format!("{a}.q_a_layernorm.weight"), vec![r]));
+                    t.push((format!("{a}.q_b_proj.weight"), vec![qk, r]));
+                }
+                None => t.push((format!("{a}.q_proj.weight"), vec![qk, h])),
             }
-        }
-        t.push((format!("{a}.o_proj.weight"), vec![h, nh * hd]));
-        if cfg.o_bias {
-            t.push((format!("{a}.o_proj.bias"), vec![h]));
-        }
-        if cfg.qk_norm {
-            t.push((format!("{a}.q_norm.weight"), vec![hd]));
-            t.push((format!("{a}.k_norm.weight"), vec![hd]));
+            let (r, rd) = (m.kv_lora_rank, m.qk_rope_head_dim);
+            t.push((format!("{a}.kv_a_proj_with_mqa.weight"), vec![r + rd, h]));
+            t.push((format!("{a}.kv_a_layernorm.weight"), vec![r]));
+            let kvb = nh * (m.qk_nope_head_dim + m.v_head_dim);
+            t.push((format!("{a}.kv_b_proj.weight"), vec![kvb, r]));
+            t.push((format!("{a}.o_proj.weight"), vec![h, nh * m.v_head_dim]));
+        } else if let Some(d) = cfg
+            .linear_attn
+            .as_ref()
+            .filter(|(_, linear)| linear[l])
+            .map(|(d, _)| *d)
+        {
+            let la = format!("{p}.linear_attn");
+            let (nv, vw) = (d.num_value_heads, d.num_value_heads * d.value_head_dim);
+            t.push((format!("{la}.in_proj_qkv.weight"), vec![d.conv_dim(), h]));
+            t.push((format!("{la}.in_proj_z.weight"), vec![vw, h]));
+            t.push((format!("{la}.in_proj_b.weight"), vec![nv, h]));
+            t.push((format!("{la}.in_proj_a.weight"), vec![nv, h]));
+            t.push((
+                format!("{la}.conv1d.weight"),
+                vec![d.conv_dim(), 1, d.conv_kernel],
+            ));
+            t.push((format!("{la}.A_log"), vec![nv]));
+            t.push((format!("{la}.dt_bias"), vec![nv]));
+            t.push((format!("{la}.norm.weight"), vec![d.value_head_dim]));
+            t.push((format!("{la}.out_proj.weight"), vec![h, vw]));
+        } else {
+            let q_rows = if cfg.attn_output_gate {
+                2 * nh * hd
+            } else {
+                nh * hd
+            };
+            for (n, rows) in [("q", q_rows), ("k", nkv * hd), ("v", nkv * hd)] {
+                t.push((format!("{a}.{n}_proj.weight"), vec![rows, h]));
+                if cfg.qkv_bias {
+                    t.push((format!("{a}.{n}_proj.bias"), vec![rows]));
+                }
+            }
+            t.push((format!("{a}.o_proj.weight"), vec![h, nh * hd]));
+            if cfg.o_bias {
+                t.push((format!("{a}.o_proj.bias"), vec![h]));
+            }
+            if cfg.qk_norm {
+                t.push((format!("{a}.q_norm.weight"), vec![hd]));
+                t.push((format!("{a}.k_norm.weight"), vec![hd]));
+            }
+            if cfg.attention_sinks {
+                t.push((format!("{a}.sinks"), vec![nh]));
+            }
         }
         match cfg.layer_kinds[l] {
             MlpKind::Dense => {
@@ -65,7 +111,22 @@ pub fn tensor_index(cfg: &ModelConfig, dtype: DType) -> BTreeMap<String, TensorI
             MlpKind::Moe => {
                 let m = cfg.moe_prefix(l);
                 let i = cfg.moe_intermediate_size;
-                t.push((format!("{m}.gate.weight"), vec![cfg.num_experts, h]));
+                t.push((
+                    format!("{m}.{}.weight", cfg.router_name),
+                    vec![cfg.num_experts, h],
+                ));
+                if cfg.router_bias {
+                    t.push((
+                        format!("{m}.{}.bias", cfg.router_name),
+                        vec![cfg.num_experts],
+                    ));
+                }
+                if matches!(cfg.router, crate::config::RouterKind::SigmoidGrouped { .. }) {
+                    t.push((
+                        format!("{m}.gate.e_score_correction_bias"),
+                        vec![cfg.num_experts],
+                    ));
+                }
                 for e in 0..cfg.num_experts {
                     let n = cfg.expert_tensor_names(l, e);
                     t.push((n.gate_proj, vec![i, h]));
@@ -73,10 +134,13 @@ pub fn tensor_index(cfg: &ModelConfig, dtype: DType) -> BTreeMap<String, TensorI
                     t.push((n.down_proj, vec![h, i]));
                 }
                 if let Some(si) = cfg.shared_expert_intermediate_size {
+                    let se = cfg.shared_expert_name;
                     for (n, s) in [("gate", [si, h]), ("up", [si, h]), ("down", [h, si])] {
-                        t.push((format!("{m}.shared_expert.{n}_proj.weight"), s.to_vec()));
+                        t.push((format!("{m}.{se}.{n}_proj.weight"), s.to_vec()));
                     }
-                    t.push((format!("{m}.shared_expert_gate.weight"), vec![1, h]));
+                    if cfg.shared_expert_gated {
+                        t.push((format!("{m}.shared_expert_gate.weight"), vec![1, h]));
+                    }
                 }
             }
         }
