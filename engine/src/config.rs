@@ -40,6 +40,7 @@ pub const SUPPORTED_MODEL_TYPES: &[&str] = &[
     "kimi_k2",
     "gpt_oss",
     "qwen3_5_moe_text",
+    "qwen3_5_moe",
     "qwen3_next",
 ];
 
@@ -451,6 +452,13 @@ impl ModelConfig {
             "deepseek_v3" | "kimi_k2" => Arch::DeepseekV3,
             "gpt_oss" => Arch::GptOss,
             "qwen3_5_moe_text" | "qwen3_next" => Arch::Qwen3Next,
+            // The multimodal wrapper nests the text model and prefixes its tensors.
+            "qwen3_5_moe" if r.get("text_config").is_some() => {
+                return Err(r.err(
+                    "the multimodal qwen3_5_moe layout (text_config, model.language_model.*) is not supported; use its text model (qwen3_5_moe_text)",
+                ));
+            }
+            "qwen3_5_moe" => Arch::Qwen3Next,
             other => {
                 return Err(EngineError::UnsupportedModel {
                     model_type: other.to_string(),
@@ -940,6 +948,23 @@ mod tests {
             let err = parse(&text).unwrap_err().to_string();
             assert!(err.contains(want), "{to}: {err}");
         }
+    }
+
+    #[test]
+    fn qwen3_5_flat_config_parses_and_the_multimodal_wrapper_is_refused() {
+        let flat = r#"{"model_type":"qwen3_5_moe","hidden_size":64,"num_hidden_layers":4,
+            "num_attention_heads":4,"num_key_value_heads":2,"head_dim":16,
+            "linear_num_key_heads":2,"linear_num_value_heads":4,"linear_key_head_dim":16,
+            "linear_value_head_dim":8,"num_experts":4,"num_experts_per_tok":2,
+            "moe_intermediate_size":16,"shared_expert_intermediate_size":16,"vocab_size":128,
+            "partial_rotary_factor":0.25}"#;
+        let c = parse(flat).unwrap();
+        assert_eq!(c.arch, Arch::Qwen3Next);
+        assert_eq!(c.rotary_dim, 4);
+        assert_eq!(c.linear_attn.unwrap().1, [true, true, true, false]);
+        let wrapped = r#"{"model_type":"qwen3_5_moe","text_config":{}}"#;
+        let err = parse(wrapped).unwrap_err().to_string();
+        assert!(err.contains("text_config"), "{err}");
     }
 
     #[test]
