@@ -106,7 +106,10 @@ impl GgmlType {
     /// Bytes of a row of `n` elements, if `n` is a whole number of blocks.
     pub fn row_bytes(self, n: usize) -> Option<usize> {
         let (be, bb) = self.block();
-        n.is_multiple_of(be).then(|| n / be * bb)
+        // A file may claim any element count: the product must not overflow (found by fuzz/gguf).
+        n.is_multiple_of(be)
+            .then(|| (n / be).checked_mul(bb))
+            .flatten()
     }
 }
 
@@ -683,6 +686,14 @@ pub fn write_streaming<W: std::io::Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn row_bytes_of_a_huge_claimed_row_is_none_not_an_overflow() {
+        // 32-element Q8_0 blocks of 34 bytes: a whole number of blocks whose bytes overflow.
+        let n = usize::MAX - usize::MAX % 32;
+        assert_eq!(GgmlType::Q8_0.row_bytes(n), None);
+        assert_eq!(GgmlType::Q8_0.row_bytes(64), Some(68));
+    }
 
     fn sample() -> Vec<u8> {
         let mut w = Writer::new();
