@@ -50,13 +50,9 @@ fn file_type(q: QType) -> u32 {
     }
 }
 
+/// The float dtype of a GGUF tensor type (None for block types).
 fn float_dtype(t: GgmlType) -> Option<DType> {
-    match t {
-        GgmlType::F32 => Some(DType::F32),
-        GgmlType::F16 => Some(DType::F16),
-        GgmlType::BF16 => Some(DType::BF16),
-        _ => None,
-    }
+    moeshard_engine::gguf_model::dtype_of(t).filter(|d| d.quant().is_none())
 }
 
 /// The type tensor `name` becomes: matrices (and stacked experts) only; norms, routers and
@@ -69,9 +65,7 @@ fn target(name: &str, ty: GgmlType, dims: &[usize], q: QType, experts_only: bool
     if experts_only && !name.contains("_exps") {
         return None;
     }
-    [q, QType::Q8_0]
-        .into_iter()
-        .find(|t| dims[0].is_multiple_of(t.block_elems()))
+    q.fitting(dims[0])
 }
 
 /// `moeshard quantize`.

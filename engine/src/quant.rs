@@ -101,6 +101,15 @@ impl QType {
             .then(|| n / self.block_elems() * self.block_bytes())
     }
 
+    /// The type rows of `cols` elements are stored in when this one is asked for: itself when
+    /// they are whole blocks, else `Q8_0` when they are whole blocks of that, else none (they
+    /// stay as stored).
+    pub fn fitting(self, cols: usize) -> Option<QType> {
+        [self, QType::Q8_0]
+            .into_iter()
+            .find(|q| cols.is_multiple_of(q.block_elems()))
+    }
+
     /// Whether activations for this type are quantized in 256-element blocks.
     pub fn is_k(self) -> bool {
         self.block_elems() == 256

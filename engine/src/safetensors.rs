@@ -233,10 +233,7 @@ impl Quantize {
         if !(expert || (self.all && !router)) {
             return None;
         }
-        let cols = shape[1];
-        [self.qtype, QType::Q8_0]
-            .into_iter()
-            .find(|q| cols.is_multiple_of(q.block_elems()))
+        self.qtype.fitting(shape[1])
     }
 }
 
