@@ -13,6 +13,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::Args;
 use moeshard_coordinator::serve::client;
 use moeshard_coordinator::serve::host::{HostMemory, memory};
+use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::{PROTOCOL_VERSION, Transport};
 use serde::Serialize;
 
@@ -484,6 +485,7 @@ fn check_workers(
     transport: Transport,
     timeout: Duration,
     fingerprint: Option<&str>,
+    key: Option<&ClusterKey>,
 ) -> Vec<Check> {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -504,8 +506,8 @@ fn check_workers(
         .map(|addr| {
             let name = format!("worker {addr}");
             let started = std::time::Instant::now();
-            match runtime.block_on(moeshard_coordinator::probe_worker(
-                addr, transport, timeout, &id,
+            match runtime.block_on(moeshard_coordinator::probe_worker_with_key(
+                addr, transport, timeout, &id, key,
             )) {
                 Err(e) => check(name, Status::Fail, e.to_string()),
                 Ok(h) if h.protocol_version != PROTOCOL_VERSION => check(
@@ -549,6 +551,16 @@ pub(crate) fn run_checks(a: &DoctorArgs) -> Result<Vec<Check>> {
         .ok_or_else(|| anyhow!("--timeout must be a positive number of seconds"))?;
     let transport: Transport = a.transport.parse().map_err(|e: String| anyhow!(e))?;
     let mut checks = Vec::new();
+    // The workers are probed with the cluster key when one is given, as the coordinator would
+    // reach them. A key that cannot be read is reported by the key check below (or here, when
+    // --only-peers skips that check).
+    let (key, key_err) = match &a.cluster_key_file {
+        Some(p) if !a.workers.is_empty() => match ClusterKey::from_file(p) {
+            Ok(k) => (Some(k), None),
+            Err(e) => (None, Some(e)),
+        },
+        _ => (None, None),
+    };
     if a.only_peers {
         if a.coordinator.is_none() && a.workers.is_empty() {
             bail!("--only-peers needs --coordinator or --workers");
@@ -556,7 +568,20 @@ pub(crate) fn run_checks(a: &DoctorArgs) -> Result<Vec<Check>> {
         if let Some(c) = &a.coordinator {
             checks.push(check_coordinator(c, timeout).0);
         }
-        checks.extend(check_workers(&a.workers, transport, timeout, None));
+        if let Some(e) = key_err {
+            checks.push(check(
+                "cluster key",
+                Status::Fail,
+                format!("cannot prove it to the workers: {e}"),
+            ));
+        }
+        checks.extend(check_workers(
+            &a.workers,
+            transport,
+            timeout,
+            None,
+            key.as_ref(),
+        ));
         return Ok(checks);
     }
 
@@ -631,6 +656,7 @@ pub(crate) fn run_checks(a: &DoctorArgs) -> Result<Vec<Check>> {
         transport,
         timeout,
         fingerprint.as_deref(),
+        key.as_ref(),
     ));
     if let Some(k) = &a.cluster_key_file {
         checks.push(check_key_file(k));

@@ -152,14 +152,36 @@ fn the_systemd_units_verify() {
     );
 }
 
-/// The moeshard command lines in deploy/: each parses (clap's errors exit with status 2).
+/// The items of YAML block lists under `args:` / `command:` keys (one `- word` per line).
+fn block_lists(yaml: &str) -> Vec<Vec<String>> {
+    let mut out = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for l in yaml.lines() {
+        let t = l.trim();
+        if let Some(words) = current.as_mut() {
+            if let Some(w) = t.strip_prefix("- ") {
+                words.push(w.trim().trim_matches('"').to_string());
+                continue;
+            }
+            out.extend(current.take());
+        }
+        if t == "args:" || t == "command:" {
+            current = Some(Vec::new());
+        }
+    }
+    out.extend(current);
+    out
+}
+
+/// The moeshard command lines in deploy/: each parses (clap's errors exit with status 2), and
+/// every coordinator, worker and peer probe proves the cluster key the deployment mounts.
 #[test]
 fn every_command_line_in_deploy_parses() {
-    let yaml = |f: &str| std::fs::read_to_string(deploy().join(f)).unwrap();
+    let read = |f: &str| std::fs::read_to_string(deploy().join(f)).unwrap();
     let mut lines: Vec<Vec<String>> = Vec::new();
     // Inline JSON-style arrays: ["moeshard", "doctor", ...] and ["worker", ...].
     for f in ["compose.yaml", "k8s/workers.yaml"] {
-        for l in yaml(f).lines() {
+        for l in read(f).lines() {
             let Some(start) = l.find('[') else { continue };
             let inner = &l[start + 1..l.rfind(']').unwrap_or(l.len())];
             let words: Vec<String> = inner
@@ -176,8 +198,51 @@ fn every_command_line_in_deploy_parses() {
             }
         }
     }
-    assert!(lines.len() >= 6, "found only {lines:?}");
+    // Block lists: the coordinators' arguments in compose and Kubernetes, the workers' in the
+    // StatefulSet.
+    for f in ["compose.yaml", "k8s/workers.yaml", "k8s/coordinator.yaml"] {
+        lines.extend(
+            block_lists(&read(f))
+                .into_iter()
+                .filter(|w| matches!(w.first().map(String::as_str), Some("serve" | "worker"))),
+        );
+    }
+    // The systemd environment files, completed the way the units' ExecStart lines do.
+    for (f, model) in [
+        ("systemd/worker.env", "/srv/models/m"),
+        ("systemd/coordinator.env", "/srv/models/m"),
+    ] {
+        for l in read(f).lines() {
+            let Some((var, value)) = l.split_once('=') else {
+                continue;
+            };
+            let cmd = match var {
+                "MOESHARD_SERVE_ARGS" => "serve",
+                "MOESHARD_WORKER_ARGS" => "worker",
+                "MOESHARD_DOCTOR_ARGS" => "doctor",
+                _ => continue,
+            };
+            let mut words = vec![cmd.to_string(), "--model".to_string(), model.to_string()];
+            words.extend(value.split_whitespace().map(str::to_string));
+            if cmd == "doctor" {
+                // The sample hosts do not exist here: do not wait long for them.
+                words.extend(["--timeout".to_string(), "0.5".to_string()]);
+            }
+            lines.push(words);
+        }
+    }
+    let count = |cmd: &str| lines.iter().filter(|w| w[0] == cmd).count();
+    assert!(
+        count("serve") >= 3 && count("worker") >= 3 && count("doctor") >= 6,
+        "found only {lines:?}"
+    );
     for args in &lines {
+        let proves_key = args.iter().any(|w| w == "--cluster-key-file");
+        let reaches_workers = args[0] != "doctor" || args.iter().any(|w| w == "--workers");
+        assert!(
+            proves_key || !reaches_workers,
+            "{args:?} does not pass the cluster key its deployment mounts"
+        );
         // `--help` after the arguments: clap checks every flag and its value first.
         let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
         if a.first() == Some(&"doctor") {

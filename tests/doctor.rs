@@ -49,7 +49,8 @@ fn start(args: &[&str], pick: fn(&str) -> Option<String>) -> (Proc, String) {
     (Proc(child), v)
 }
 
-fn worker(transport: &str) -> (Proc, String) {
+/// A worker on loopback that requires the cluster key in `key`.
+fn worker(transport: &str, key: &Path) -> (Proc, String) {
     let f = fixture();
     start(
         &[
@@ -60,6 +61,8 @@ fn worker(transport: &str) -> (Proc, String) {
             "127.0.0.1:0",
             "--transport",
             transport,
+            "--cluster-key-file",
+            key.to_str().unwrap(),
         ],
         |l| parse_listening_line(l).map(|(a, _)| a.to_string()),
     )
@@ -103,8 +106,14 @@ fn status_of<'a>(checks: &'a [Value], name: &str) -> &'a str {
 
 #[test]
 fn a_healthy_host_passes_and_reaches_its_peers() {
-    let (_q, quic) = worker("quic");
-    let (_g, grpc) = worker("grpc");
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(
+        dir.path(),
+        "c2VjcmV0LWtleS1vZi10aGUtY2x1c3Rlci0zMi1ieXRlcw==\n",
+        0o600,
+    );
+    let (_q, quic) = worker("quic", &key);
+    let (_g, grpc) = worker("grpc", &key);
     let f = fixture();
     let (_s, http) = start(
         &[
@@ -115,12 +124,6 @@ fn a_healthy_host_passes_and_reaches_its_peers() {
             "127.0.0.1:0",
         ],
         |l| l.strip_prefix("listening on ").map(str::to_string),
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let key = key_file(
-        dir.path(),
-        "c2VjcmV0LWtleS1vZi10aGUtY2x1c3Rlci0zMi1ieXRlcw==\n",
-        0o600,
     );
     let out = doctor(&[
         "--model",
@@ -156,8 +159,17 @@ fn a_healthy_host_passes_and_reaches_its_peers() {
     assert_ne!(status_of(&c, "memory"), "fail");
     assert_ne!(status_of(&c, "disk"), "fail");
 
-    // The table form, over gRPC, as a container probe would run it.
-    let out = doctor(&["--only-peers", "--workers", &grpc, "--transport", "grpc"]);
+    // The table form, over gRPC, as a container probe would run it (with the key, as the
+    // manifests in deploy/ do).
+    let out = doctor(&[
+        "--only-peers",
+        "--workers",
+        &grpc,
+        "--transport",
+        "grpc",
+        "--cluster-key-file",
+        key.to_str().unwrap(),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.starts_with("CHECK"), "{text}");
@@ -168,6 +180,51 @@ fn a_healthy_host_passes_and_reaches_its_peers() {
         "--only-peers checks only the peers: {text}"
     );
     assert!(text.ends_with("1 passed, 0 warnings, 0 failed\n"), "{text}");
+
+    // Without the key, or with another one, the keyed workers refuse the probe: a failure that
+    // says why.
+    let other = key_file(dir.path(), &"another-cluster-key-".repeat(3), 0o600);
+    for (transport, addr) in [("quic", &quic), ("grpc", &grpc)] {
+        for key_args in [vec![], vec!["--cluster-key-file", other.to_str().unwrap()]] {
+            let mut args = vec![
+                "--only-peers",
+                "--workers",
+                addr.as_str(),
+                "--transport",
+                transport,
+                "--timeout",
+                "5",
+                "--json",
+            ];
+            args.extend(&key_args);
+            let out = doctor(&args);
+            let c = checks(&out);
+            assert!(!out.status.success(), "{transport} {key_args:?}: {c:?}");
+            let w = c
+                .iter()
+                .find(|x| x["name"] == format!("worker {addr}"))
+                .unwrap();
+            assert_eq!(w["status"], "fail", "{w}");
+            let detail = w["detail"].as_str().unwrap();
+            assert!(
+                detail.contains("cluster-key-file") || detail.contains("TLS"),
+                "{transport} {key_args:?}: {detail}"
+            );
+        }
+    }
+
+    // --only-peers with an unreadable key fails on the key, not silently without it.
+    let out = doctor(&[
+        "--only-peers",
+        "--workers",
+        &grpc,
+        "--cluster-key-file",
+        dir.path().join("missing.key").to_str().unwrap(),
+        "--json",
+    ]);
+    let c = checks(&out);
+    assert!(!out.status.success());
+    assert_eq!(status_of(&c, "cluster key"), "fail");
 }
 
 #[test]

@@ -980,12 +980,17 @@ pub async fn probe_worker_with_key(
         protocol_version: PROTOCOL_VERSION,
         coordinator_id: coordinator_id.to_string(),
     };
+    // A transport failure during the first call is how QUIC reports a refused key (the
+    // handshake completes on our side first): it gets the same hint as a failed connect.
     with_deadline(timeout, client.hello(req))
         .await
-        .map_err(|e| CoordinatorError::Call {
-            worker: addr.to_string(),
-            call: "hello",
-            msg: e.to_string(),
+        .map_err(|e| match e {
+            CallError::Status { .. } | CallError::Protocol(_) => CoordinatorError::Call {
+                worker: addr.to_string(),
+                call: "hello",
+                msg: e.to_string(),
+            },
+            e => unreachable(e),
         })
 }
 
