@@ -203,6 +203,8 @@ impl ClusterView for Workers {
                     capacity_bytes: Some(w.capacity),
                     expert_count: w.experts,
                     experts: placement.as_ref().map(|p| p.experts_of(i)),
+                    dispatch_p50_us: w.dispatch_p50_us,
+                    dispatch_p99_us: w.dispatch_p99_us,
                     stats: match st {
                         Some(Ok(s)) => Some(serde_json::json!({
                             "batches": s.batches,

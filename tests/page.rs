@@ -120,6 +120,14 @@ fn the_cluster_page_shows_nodes_experts_and_requests_in_chromium() {
         assert_eq!(h["healthy"], true, "{h}");
         assert!(h["stats"]["hosted_bytes"].as_u64().unwrap() > 0, "{h}");
         assert!(h["stats"]["rows"].as_u64().unwrap() > 0, "{h}");
+        // Each worker's own round trips, as the page's "dispatch p50" column shows them.
+        let p50 = h["dispatch_p50_us"]
+            .as_f64()
+            .expect("a worker's dispatch p50");
+        let p99 = h["dispatch_p99_us"]
+            .as_f64()
+            .expect("a worker's dispatch p99");
+        assert!(p50 > 0.0 && p50 <= p99, "{h}");
     }
     assert_eq!(v["routing"]["moe_layers"], json!([0, 2]));
     assert_eq!(v["routing"]["num_experts"], 5);

@@ -42,7 +42,7 @@ use tracing::{debug, info, warn};
 
 use crate::client::{CallError, Client, auth_hint};
 use crate::placement::{Holders, HostCapacity, Placement, place, replicate};
-use crate::stats::DispatchStats;
+use crate::stats::{DispatchStats, percentile};
 use crate::{CoordinatorError, Result};
 
 /// How to reach the workers.
@@ -102,6 +102,10 @@ pub struct WorkerInfo {
     pub experts: usize,
     /// False while it is marked down.
     pub up: bool,
+    /// Median round trip of its expert requests (sent to reply), microseconds.
+    pub dispatch_p50_us: Option<f64>,
+    /// 99th percentile of the same, microseconds.
+    pub dispatch_p99_us: Option<f64>,
 }
 
 struct Worker {
@@ -114,6 +118,8 @@ struct Worker {
     down: watch::Sender<bool>,
     /// Every expert asked of it; a rejoin assigns them all again.
     assigned: Mutex<BTreeSet<(usize, usize)>>,
+    /// Round trips of its expert requests that were answered.
+    dispatch: DispatchStats,
 }
 
 impl Worker {
@@ -156,6 +162,20 @@ impl Worker {
                 .unwrap_or_else(|p| p.into_inner())
                 .len(),
             up: self.is_up(),
+            dispatch_p50_us: None,
+            dispatch_p99_us: None,
+        }
+        .with_latencies(&self.dispatch.latencies())
+    }
+}
+
+impl WorkerInfo {
+    fn with_latencies(self, lat: &[Duration]) -> Self {
+        let us = |q| percentile(lat, q).map(|d| d.as_secs_f64() * 1e6);
+        WorkerInfo {
+            dispatch_p50_us: us(0.5),
+            dispatch_p99_us: us(0.99),
+            ..self
         }
     }
 }
@@ -672,6 +692,7 @@ fn new_worker(addr: &str, h: Hello) -> Arc<Worker> {
         client: RwLock::new(Arc::new(h.client)),
         down: watch::Sender::new(false),
         assigned: Mutex::new(BTreeSet::new()),
+        dispatch: DispatchStats::default(),
     })
 }
 
@@ -1359,6 +1380,9 @@ impl PendingExperts for ClusterPending<'_> {
                     });
                 match got {
                     Ok((y, done)) => {
+                        worker
+                            .dispatch
+                            .record(done.saturating_duration_since(self.started));
                         for (k, &i) in call.rows.iter().enumerate() {
                             out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
                         }
