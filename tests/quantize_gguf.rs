@@ -80,7 +80,7 @@ fn quantize_writes_a_gguf_with_the_float_matrices_quantized() {
         "q4_k",
     ]);
     assert!(ok, "quantize failed: {stderr}");
-    assert!(stdout.contains("3 of 6 tensors quantized"), "{stdout}");
+    assert!(stdout.contains("3 of 6 tensors converted"), "{stdout}");
     let out = GgufFile::open(&output).unwrap();
     let ty = |n: &str| out.tensors[n].ty;
     assert_eq!(ty("blk.0.attn_q.weight"), GgmlType::Q4_K);
@@ -145,6 +145,135 @@ fn quantize_refuses_bad_input_with_a_clear_error() {
         "--type",
         "q8_0",
     ]);
+    // A directory is read as a checkpoint: this one has none.
     assert!(!ok);
-    assert!(stderr.contains("is a directory"), "{stderr}");
+    assert!(
+        stderr.contains(dir.path().to_str().unwrap()) && stderr.contains("missing"),
+        "{stderr}"
+    );
+    assert!(!out.exists());
+}
+
+/// Metadata keys llama.cpp's converter writes that we do not (or write differently on purpose):
+/// the display name (ours is the directory's), its size label, and the sep flag of a tokenizer
+/// without a separator.
+const NOT_COMPARED: &[&str] = &[
+    "general.name",
+    "general.size_label",
+    "tokenizer.ggml.add_sep_token",
+];
+
+/// A Hugging Face checkpoint converted by `moeshard quantize DIR` equals what llama.cpp's own
+/// convert_hf_to_gguf.py wrote from the same checkpoint (tests/fixtures/gguf, made by
+/// make_gguf_fixtures.py): the same metadata values, tensor names, types, dims and bytes, for
+/// f32, f16 and q8_0, on the three GGUF architectures (the llama one with its Q/K permutation).
+#[test]
+fn a_checkpoint_converts_to_the_file_llama_cpps_converter_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = common::fixture("gguf");
+    let mut compared = 0;
+    for model in ["qwen3_moe_gguf", "qwen2_moe_gguf", "mixtral_tiny"] {
+        for ty in ["f32", "f16", "q8_0"] {
+            let theirs = fixtures.join(format!("{model}-{ty}.gguf"));
+            if !theirs.exists() {
+                continue; // not every pair was made (see tests/fixtures/gguf/README.md)
+            }
+            let ours = dir.path().join(format!("{model}-{ty}.gguf"));
+            let (ok, stdout, stderr) = run(&[
+                "quantize",
+                common::fixture(model).to_str().unwrap(),
+                ours.to_str().unwrap(),
+                "--type",
+                ty,
+            ]);
+            assert!(ok, "{model} {ty}: {stderr}");
+            assert!(stdout.contains("wrote"), "{stdout}");
+            let a = GgufFile::open(&ours).unwrap();
+            let b = GgufFile::open(&theirs).unwrap();
+            for (k, v) in &b.metadata {
+                if NOT_COMPARED.contains(&k.as_str()) {
+                    continue;
+                }
+                assert_eq!(a.metadata.get(k), Some(v), "{model} {ty}: metadata {k}");
+            }
+            for k in a.metadata.keys() {
+                assert!(
+                    b.metadata.contains_key(k)
+                        || NOT_COMPARED.contains(&k.as_str())
+                        || k == "tokenizer.ggml.add_eos_token",
+                    "{model} {ty}: we write {k}, llama.cpp does not"
+                );
+            }
+            assert_eq!(
+                a.tensors.keys().collect::<Vec<_>>(),
+                b.tensors.keys().collect::<Vec<_>>(),
+                "{model} {ty}"
+            );
+            for (name, tb) in &b.tensors {
+                let ta = &a.tensors[name];
+                assert_eq!((ta.ty, &ta.dims), (tb.ty, &tb.dims), "{model} {ty}: {name}");
+                assert!(
+                    a.tensor_bytes(name) == b.tensor_bytes(name),
+                    "{model} {ty}: the bytes of {name} differ"
+                );
+            }
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, 8, "the fixtures of tests/fixtures/gguf");
+}
+
+/// The converted file is a model: a converted F32 checkpoint gives the safetensors path's logits
+/// bit for bit; a Q8_0 one runs too (its closeness to the reference is what tests/gguf.rs checks
+/// of llama.cpp's identical file).
+#[test]
+fn a_converted_checkpoint_runs_and_equals_its_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = common::fixture("qwen3_moe_gguf");
+    let gguf = dir.path().join("m.gguf");
+    let (ok, _, stderr) = run(&[
+        "quantize",
+        src.to_str().unwrap(),
+        gguf.to_str().unwrap(),
+        "--type",
+        "f32",
+    ]);
+    assert!(ok, "{stderr}");
+    let logits = |model: &std::path::Path, out: &str| {
+        let out = dir.path().join(out);
+        let (ok, _, stderr) = run(&[
+            "logits",
+            "--model",
+            model.to_str().unwrap(),
+            "--tokens",
+            "3,14,15,92,65,35",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stderr}");
+        std::fs::read(out).unwrap()
+    };
+    assert!(logits(&src, "a.npy") == logits(&gguf, "b.npy"));
+}
+
+/// What llama.cpp's GGUF architectures cannot hold is refused by name, and nothing is left behind.
+#[test]
+fn a_checkpoint_llama_cpp_cannot_hold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.gguf");
+    for (model, needle) in [
+        ("qwen3_moe_tiny", "layer 1 is a dense MLP"),
+        ("deepseek_v3_tiny", "deepseek_v3"),
+    ] {
+        let (ok, _, stderr) = run(&[
+            "quantize",
+            common::fixture(model).to_str().unwrap(),
+            out.to_str().unwrap(),
+            "--type",
+            "q8_0",
+        ]);
+        assert!(!ok, "{model}");
+        assert!(stderr.contains(needle), "{model}: {stderr}");
+        assert!(!out.exists() && !dir.path().join("out.gguf.partial").exists());
+    }
 }

@@ -88,7 +88,7 @@ fn format_err(path: &Path, msg: impl Into<String>) -> EngineError {
 
 /// `blk.N.` suffixes and the Hugging Face names (after `model.layers.N.`) they become. `{mlp}` is the
 /// MoE block's prefix (`mlp` or Mixtral's `block_sparse_moe`).
-const LAYER_NAMES: &[(&str, &str)] = &[
+pub(crate) const LAYER_NAMES: &[(&str, &str)] = &[
     ("attn_norm.weight", "input_layernorm.weight"),
     ("ffn_norm.weight", "post_attention_layernorm.weight"),
     ("attn_q.weight", "self_attn.q_proj.weight"),
@@ -118,7 +118,7 @@ const LAYER_NAMES: &[(&str, &str)] = &[
 ];
 
 /// Stacked expert tensors: GGUF suffix, projection (Qwen name, Mixtral name).
-const EXPERT_NAMES: &[(&str, &str, &str)] = &[
+pub(crate) const EXPERT_NAMES: &[(&str, &str, &str)] = &[
     ("ffn_gate_exps.weight", "gate_proj", "w1"),
     ("ffn_up_exps.weight", "up_proj", "w3"),
     ("ffn_down_exps.weight", "down_proj", "w2"),

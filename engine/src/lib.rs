@@ -9,6 +9,7 @@ pub mod fingerprint;
 pub mod fp8;
 pub mod generate;
 pub mod gguf;
+pub mod gguf_export;
 pub mod gguf_model;
 pub mod kernels;
 pub mod layers;

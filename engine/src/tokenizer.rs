@@ -183,6 +183,10 @@ impl Tokenizer {
 const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The `tokenizer.ggml.pre` names whose split pattern a Hugging Face tokenizer states.
+pub const GGUF_PRE_PATTERNS: &[(&str, &str)] =
+    &[("qwen2", QWEN2_PATTERN), ("llama3", LLAMA3_PATTERN)];
+
 /// The `tokenizer.ggml.pre` names we map.
 pub const GGUF_PRE_TOKENIZERS: &[&str] = &["gpt-2", "qwen2", "llama3", "llama-v3", "llama-bpe"];
 
