@@ -70,21 +70,9 @@ fn write_key(dir: &Path, name: &str, secret: &str) -> std::path::PathBuf {
 
 /// `moeshard logits` of the fixture's first tokens; returns (ok, .npy bytes, stderr).
 fn logits(dir: &Path, extra: &[&str]) -> (bool, Vec<u8>, String) {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut args = vec![
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens",
-        "1,2,3,4,5",
-        "--out",
-        out.path().to_str().unwrap(),
-        "--connect-timeout",
-        "5",
-    ];
+    let mut args = vec!["--connect-timeout", "5"];
     args.extend_from_slice(extra);
-    let (ok, _, stderr) = run(&args);
-    (ok, std::fs::read(out.path()).unwrap_or_default(), stderr)
+    common::logits_npy(dir, "1,2,3,4,5", &args)
 }
 
 fn error_line(stderr: &str) -> &str {

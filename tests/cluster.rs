@@ -50,22 +50,9 @@ fn prompt(name: &str) -> String {
 
 /// `moeshard logits` with extra arguments; returns the .npy bytes.
 fn logits_bytes(name: &str, extra: &[&str]) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let dir = fixture(name);
-    let toks = tokens_arg(name);
-    let mut args = vec![
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens",
-        &toks,
-        "--out",
-        out.path().to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = run(&args);
+    let (ok, bytes, stderr) = common::logits_npy(&fixture(name), &tokens_arg(name), extra);
     assert!(ok, "{name} logits {extra:?} failed: {stderr}");
-    std::fs::read(out.path()).unwrap()
+    bytes
 }
 
 /// Greedy `moeshard generate` with extra arguments; returns stdout.

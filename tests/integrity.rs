@@ -142,19 +142,7 @@ fn worker(dir: &Path, transport: &str) -> (std::process::Child, String) {
 }
 
 fn logits(model: &Path, extra: &[&str]) -> (bool, Vec<u8>, String) {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut args = vec![
-        "logits",
-        "--model",
-        model.to_str().unwrap(),
-        "--tokens",
-        "1,2,3,4,5",
-        "--out",
-        out.path().to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, err) = run(&args);
-    (ok, std::fs::read(out.path()).unwrap_or_default(), err)
+    common::logits_npy(model, "1,2,3,4,5", extra)
 }
 
 #[test]

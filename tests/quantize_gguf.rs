@@ -239,21 +239,12 @@ fn a_converted_checkpoint_runs_and_equals_its_source() {
         "f32",
     ]);
     assert!(ok, "{stderr}");
-    let logits = |model: &std::path::Path, out: &str| {
-        let out = dir.path().join(out);
-        let (ok, _, stderr) = run(&[
-            "logits",
-            "--model",
-            model.to_str().unwrap(),
-            "--tokens",
-            "3,14,15,92,65,35",
-            "--out",
-            out.to_str().unwrap(),
-        ]);
+    let logits = |model: &std::path::Path| {
+        let (ok, bytes, stderr) = common::logits_npy(model, "3,14,15,92,65,35", &[]);
         assert!(ok, "{stderr}");
-        std::fs::read(out).unwrap()
+        bytes
     };
-    assert!(logits(&src, "a.npy") == logits(&gguf, "b.npy"));
+    assert!(logits(&src) == logits(&gguf));
 }
 
 /// What llama.cpp's GGUF architectures cannot hold is refused by name, and nothing is left behind.

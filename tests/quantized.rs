@@ -5,33 +5,19 @@
 
 mod common;
 
-use common::{fixture, ids, reference, run};
+use common::{fixture, ids, reference};
 use moeshard_engine::npy;
 
 const MODELS: &[&str] = &["qwen3_moe_tiny", "mixtral_tiny", "qwen2_moe_tiny"];
 
 fn logits(name: &str, extra: &[&str]) -> (Vec<u8>, Vec<f32>) {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let dir = fixture(name);
     let toks: Vec<String> = ids(&reference(name)["tokens"])
         .iter()
         .map(u32::to_string)
         .collect();
-    let toks = toks.join(",");
-    let mut args = vec![
-        "logits",
-        "--model",
-        dir.to_str().unwrap(),
-        "--tokens",
-        &toks,
-        "--out",
-        out.path().to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = run(&args);
+    let (ok, bytes, stderr) = common::logits_npy(&fixture(name), &toks.join(","), extra);
     assert!(ok, "{name} logits {extra:?} failed: {stderr}");
-    let bytes = std::fs::read(out.path()).unwrap();
-    let (_, vals) = npy::read_f32(out.path()).unwrap();
+    let (_, vals) = npy::decode_f32(&bytes, std::path::Path::new("logits.npy")).unwrap();
     (bytes, vals)
 }
 

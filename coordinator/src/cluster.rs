@@ -283,28 +283,32 @@ struct Hello {
     capacity: u64,
 }
 
-/// Connects to one worker and exchanges hellos; checks protocol and model.
-async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<Hello> {
+/// Connects to a worker and says hello: the client and the worker's answer. A failure to connect,
+/// or a transport failure during the hello (how QUIC reports a refused key: the handshake
+/// completes on our side first), is `Unreachable` with the cluster-key hint; a refusal the worker
+/// states is a failed `hello` call.
+async fn connect_and_hello(
+    addr: &str,
+    transport: Transport,
+    (connect_timeout, rpc_timeout): (Duration, Duration),
+    coordinator_id: &str,
+    key: Option<&ClusterKey>,
+) -> Result<(Client, moeshard_proto::v1::HelloResponse)> {
     let unreachable = |e: CallError| CoordinatorError::Unreachable {
         worker: addr.to_string(),
-        msg: auth_hint(e.to_string(), opts.cluster_key.is_some()),
+        msg: auth_hint(e.to_string(), key.is_some()),
     };
     let client = with_deadline(
-        opts.connect_timeout,
-        Client::connect(
-            addr,
-            opts.transport,
-            opts.connect_timeout,
-            opts.cluster_key.as_ref(),
-        ),
+        connect_timeout,
+        Client::connect(addr, transport, connect_timeout, key),
     )
     .await
     .map_err(unreachable)?;
     let req = HelloRequest {
         protocol_version: PROTOCOL_VERSION,
-        coordinator_id: opts.coordinator_id.clone(),
+        coordinator_id: coordinator_id.to_string(),
     };
-    let hello = with_deadline(opts.rpc_timeout, client.hello(req))
+    let hello = with_deadline(rpc_timeout, client.hello(req))
         .await
         .map_err(|e| match e {
             CallError::Status { .. } | CallError::Protocol(_) => CoordinatorError::Call {
@@ -314,6 +318,19 @@ async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<H
             },
             e => unreachable(e),
         })?;
+    Ok((client, hello))
+}
+
+/// Connects to one worker and exchanges hellos; checks protocol and model.
+async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<Hello> {
+    let (client, hello) = connect_and_hello(
+        addr,
+        opts.transport,
+        (opts.connect_timeout, opts.rpc_timeout),
+        &opts.coordinator_id,
+        opts.cluster_key.as_ref(),
+    )
+    .await?;
     if hello.protocol_version != PROTOCOL_VERSION {
         return Err(CoordinatorError::ProtocolMismatch {
             worker: addr.to_string(),
@@ -990,29 +1007,9 @@ pub async fn probe_worker_with_key(
     coordinator_id: &str,
     key: Option<&ClusterKey>,
 ) -> Result<moeshard_proto::v1::HelloResponse> {
-    let unreachable = |e: CallError| CoordinatorError::Unreachable {
-        worker: addr.to_string(),
-        msg: auth_hint(e.to_string(), key.is_some()),
-    };
-    let client = with_deadline(timeout, Client::connect(addr, transport, timeout, key))
-        .await
-        .map_err(unreachable)?;
-    let req = HelloRequest {
-        protocol_version: PROTOCOL_VERSION,
-        coordinator_id: coordinator_id.to_string(),
-    };
-    // A transport failure during the first call is how QUIC reports a refused key (the
-    // handshake completes on our side first): it gets the same hint as a failed connect.
-    with_deadline(timeout, client.hello(req))
-        .await
-        .map_err(|e| match e {
-            CallError::Status { .. } | CallError::Protocol(_) => CoordinatorError::Call {
-                worker: addr.to_string(),
-                call: "hello",
-                msg: e.to_string(),
-            },
-            e => unreachable(e),
-        })
+    let (_, hello) =
+        connect_and_hello(addr, transport, (timeout, timeout), coordinator_id, key).await?;
+    Ok(hello)
 }
 
 impl Shared {

@@ -296,15 +296,6 @@ fn pre_tokenizer_name(pre: &J, path: &Path) -> Result<&'static str> {
     ))
 }
 
-/// A special token's text from `tokenizer_config.json` (a string or `{"content": ...}`).
-fn token_text(v: Option<&J>) -> Option<&str> {
-    match v? {
-        J::String(s) => Some(s),
-        J::Object(o) => o.get("content")?.as_str(),
-        _ => None,
-    }
-}
-
 /// The `tokenizer.*` keys of a checkpoint directory's byte-level BPE tokenizer (`tokenizer.json`,
 /// `tokenizer_config.json`), the vocabulary padded with `[PADn]` tokens to the model's
 /// `vocab_size` as llama.cpp does.
@@ -418,8 +409,8 @@ pub fn tokenizer_metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, 
             .position(|t| matches!(t, Value::String(s) if s == text))
     };
     let mut special = |key: &str, text_key: &str, fallback: Option<u32>| {
-        let id = token_text(tc.get(text_key))
-            .and_then(id_of_text)
+        let id = crate::tokenizer::token_text(tc.get(text_key))
+            .and_then(|t| id_of_text(&t))
             .map(|i| i as u32)
             .or(fallback);
         if let Some(id) = id {
@@ -459,27 +450,9 @@ pub fn tokenizer_metadata(dir: &Path, cfg: &ModelConfig) -> Result<Vec<(String, 
         .unwrap_or(adds(1));
     m.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(add_bos)));
     m.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(add_eos)));
-    let template = match tc.get("chat_template") {
-        Some(J::String(s)) => Some(s.clone()),
-        Some(J::Array(list)) => list
-            .iter()
-            .find(|t| t.get("name").and_then(J::as_str) == Some("default"))
-            .or_else(|| list.first())
-            .and_then(|t| t.get("template"))
-            .and_then(J::as_str)
-            .map(str::to_string),
-        _ => None,
-    };
-    let template = match template {
+    let template = match crate::tokenizer::template_in(&tc) {
         Some(t) => Some(t),
-        None => {
-            let jinja = dir.join("chat_template.jinja");
-            if jinja.exists() {
-                Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?)
-            } else {
-                None
-            }
-        }
+        None => crate::tokenizer::template_file(dir)?,
     };
     if let Some(t) = template {
         m.push(("tokenizer.chat_template".into(), Value::String(t)));
@@ -502,19 +475,23 @@ pub fn permute_rows(bytes: &[u8], row_bytes: usize, heads: usize) -> Result<Vec<
             msg: format!("{rows} rows cannot be split into {heads} heads of an even size"),
         });
     }
-    let hd = rows / heads;
     let mut out = vec![0u8; bytes.len()];
-    for h in 0..heads {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let model_row = h * hd + j * hd / 2 + i;
-                let file_row = h * hd + 2 * i + j;
-                out[file_row * row_bytes..(file_row + 1) * row_bytes]
-                    .copy_from_slice(&bytes[model_row * row_bytes..(model_row + 1) * row_bytes]);
-            }
-        }
+    for (model_row, file_row) in rope_row_pairs(rows, heads) {
+        out[file_row * row_bytes..(file_row + 1) * row_bytes]
+            .copy_from_slice(&bytes[model_row * row_bytes..(model_row + 1) * row_bytes]);
     }
     Ok(out)
+}
+
+/// llama.cpp's rope permutation of `rows` Q or K rows in `heads` heads (of an even size): the
+/// pairs (model row, file row). Within each head of `hd` rows, file row `2i + j` holds model row
+/// `j * hd / 2 + i`.
+pub(crate) fn rope_row_pairs(rows: usize, heads: usize) -> impl Iterator<Item = (usize, usize)> {
+    let hd = rows / heads.max(1);
+    (0..heads).flat_map(move |h| {
+        (0..hd / 2)
+            .flat_map(move |i| (0..2).map(move |j| (h * hd + j * hd / 2 + i, h * hd + 2 * i + j)))
+    })
 }
 
 /// The bytes of `t` (a float tensor; rows are its last dimension) in `to`: the same bytes when the

@@ -452,18 +452,11 @@ fn unpermute(name: &str, e: &Entry, map: &Arc<Mmap>, heads: usize) -> Result<Ten
         .get(e.info.start..e.info.start + e.info.len)
         .ok_or_else(|| bad("bytes lie outside the file".into()))?;
     let row_bytes = e.info.len / rows;
-    let hd = rows / heads;
     let mut out = MmapMut::map_anon(e.info.len.max(1))
         .map_err(|err| bad(format!("allocating {} bytes: {err}", e.info.len)))?;
-    for h in 0..heads {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let model_row = h * hd + j * hd / 2 + i;
-                let file_row = h * hd + 2 * i + j;
-                out[model_row * row_bytes..(model_row + 1) * row_bytes]
-                    .copy_from_slice(&src[file_row * row_bytes..(file_row + 1) * row_bytes]);
-            }
-        }
+    for (model_row, file_row) in crate::gguf_export::rope_row_pairs(rows, heads) {
+        out[model_row * row_bytes..(model_row + 1) * row_bytes]
+            .copy_from_slice(&src[file_row * row_bytes..(file_row + 1) * row_bytes]);
     }
     let map = out
         .make_read_only()

@@ -35,6 +35,11 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 /// Reads a little-endian float32, C-order `.npy` file: `(shape, data)`.
 pub fn read_f32(path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bytes = std::fs::read(path).map_err(|e| EngineError::io(path, e))?;
+    decode_f32(&bytes, path)
+}
+
+/// Decodes the bytes of a little-endian float32, C-order `.npy` file (`path` names it in errors).
+pub fn decode_f32(bytes: &[u8], path: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
     let bad = |msg: &str| EngineError::Format {
         path: path.to_path_buf(),
         format: "npy",

@@ -34,12 +34,39 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> EngineError {
 }
 
 /// A special token's text from `tokenizer_config.json` (a string or `{"content": ...}`).
-fn token_text(v: Option<&Value>) -> Option<String> {
+pub(crate) fn token_text(v: Option<&Value>) -> Option<String> {
     match v? {
         Value::String(s) => Some(s.clone()),
         Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
         _ => None,
     }
+}
+
+/// The chat template a `tokenizer_config.json` holds: a string, or a list of named templates
+/// ("default", else the first).
+pub(crate) fn template_in(tokenizer_config: &Value) -> Option<String> {
+    match tokenizer_config.get("chat_template") {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| list.first())
+            .and_then(|t| t.get("template"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// A model directory's `chat_template.jinja`, when it has one.
+pub(crate) fn template_file(dir: &Path) -> Result<Option<String>> {
+    let jinja = dir.join("chat_template.jinja");
+    if !jinja.exists() {
+        return Ok(None);
+    }
+    std::fs::read_to_string(&jinja)
+        .map(Some)
+        .map_err(|e| EngineError::io(&jinja, e))
 }
 
 impl Tokenizer {
@@ -66,25 +93,12 @@ impl Tokenizer {
             let text =
                 std::fs::read_to_string(&cfg_path).map_err(|e| EngineError::io(&cfg_path, e))?;
             let v: Value = serde_json::from_str(&text).map_err(|e| tok_err(&cfg_path, e))?;
-            chat_template = match v.get("chat_template") {
-                Some(Value::String(s)) => Some(s.clone()),
-                // A list of named templates: take "default", else the first.
-                Some(Value::Array(list)) => list
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .or_else(|| list.first())
-                    .and_then(|t| t.get("template"))
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
-                _ => None,
-            };
+            chat_template = template_in(&v);
             bos_token = token_text(v.get("bos_token"));
             eos_token = token_text(v.get("eos_token"));
         }
-        let jinja = dir.join("chat_template.jinja");
-        if chat_template.is_none() && jinja.exists() {
-            chat_template =
-                Some(std::fs::read_to_string(&jinja).map_err(|e| EngineError::io(&jinja, e))?);
+        if chat_template.is_none() {
+            chat_template = template_file(dir)?;
         }
         Ok(Tokenizer {
             inner,

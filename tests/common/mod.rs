@@ -60,6 +60,25 @@ pub fn run(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// `moeshard logits --model MODEL --tokens TOKENS --out <a temporary file>` followed by `extra`:
+/// (it succeeded, the .npy bytes it wrote (empty on failure), its stderr).
+#[allow(dead_code)] // not every test crate computes logits
+pub fn logits_npy(model: &Path, tokens: &str, extra: &[&str]) -> (bool, Vec<u8>, String) {
+    let out = tempfile::NamedTempFile::new().expect("temporary file");
+    let mut args = vec![
+        "logits",
+        "--model",
+        model.to_str().expect("utf-8 path"),
+        "--tokens",
+        tokens,
+        "--out",
+        out.path().to_str().expect("utf-8 path"),
+    ];
+    args.extend_from_slice(extra);
+    let (ok, _, stderr) = run(&args);
+    (ok, std::fs::read(out.path()).unwrap_or_default(), stderr)
+}
+
 /// Copies a fixture into a temporary directory (for tests that damage it).
 pub fn copy_fixture(name: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
