@@ -251,6 +251,40 @@ fn gguf_tokenizer_matches_the_hugging_face_tokenizer() {
     }
 }
 
+/// A SentencePiece tokenizer (`tokenizer.ggml.model = "llama"`, as Mixtral and Llama GGUF files
+/// carry it; no merges stored, only scores) encodes and decodes as SentencePiece itself does:
+/// tests/fixtures/make_spm_fixture.py trained it, had llama.cpp's converter write the file and
+/// recorded SentencePiece's ids and decoded texts.
+#[test]
+fn sentencepiece_gguf_tokenizer_matches_sentencepiece() {
+    let file = gguf("mixtral_spm-f16.gguf");
+    let t = Tokenizer::from_dir(&file).unwrap();
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(gguf("mixtral_spm_tokens.json")).unwrap())
+            .unwrap();
+    let cases = cases.as_array().unwrap();
+    assert!(cases.len() >= 10);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let want = ids(&c["ids"]);
+        // With bos, as Llama's tokenizer adds it.
+        assert_eq!(t.encode(text, true).unwrap(), want, "encode {text:?}");
+        assert_eq!(t.encode(text, false).unwrap(), want[1..], "encode {text:?}");
+        assert_eq!(
+            t.decode(&want).unwrap(),
+            c["decoded"].as_str().unwrap(),
+            "decode {text:?}"
+        );
+    }
+    // The same weights as mixtral_top1_f16's GGUF: the same logits for the same ids.
+    let (a, ea) = load(&file);
+    let (b, eb) = load(&gguf("mixtral_top1_f16-f16.gguf"));
+    let toks = [1, 433, 480, 434, 351, 436, 278];
+    assert!(
+        bits(&all_logits(&a, &ea, &toks).unwrap()) == bits(&all_logits(&b, &eb, &toks).unwrap())
+    );
+}
+
 fn model_vocab(file: &str) -> u32 {
     let f = GgufFile::open(&gguf(file)).unwrap();
     f.tensors["token_embd.weight"].dims[1] as u32
@@ -533,22 +567,31 @@ fn unsupported_pre_tokenizer_is_named() {
         err.contains("tokenizer.ggml.pre \"default\"") && err.contains("qwen2"),
         "{err}"
     );
-    let p = rewrite(
-        "qwen3_moe_gguf-f32.gguf",
-        |k, v| {
-            Some(if k == "tokenizer.ggml.model" {
-                Value::String("llama".into())
-            } else {
-                v.clone()
-            })
-        },
-        keep,
-    );
-    let err = Tokenizer::from_dir(&p)
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(err.contains("tokenizer.ggml.model \"llama\""), "{err}");
+    for (model, needle) in [
+        ("bert", "tokenizer.ggml.model \"bert\""),
+        // SentencePiece without its scores (this file has merges instead).
+        ("llama", "tokenizer.ggml.scores is missing"),
+    ] {
+        let p = rewrite(
+            "qwen3_moe_gguf-f32.gguf",
+            |k, v| {
+                if k == "tokenizer.ggml.merges" && model == "llama" {
+                    return None;
+                }
+                Some(if k == "tokenizer.ggml.model" {
+                    Value::String(model.into())
+                } else {
+                    v.clone()
+                })
+            },
+            keep,
+        );
+        let err = Tokenizer::from_dir(&p)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains(needle), "{model}: {err}");
+    }
 }
 
 /// `moeshard serve --model X.gguf` on a loopback port: returns the child and its address.

@@ -204,7 +204,66 @@ pub const GGUF_PRE_PATTERNS: &[(&str, &str)] =
 /// The `tokenizer.ggml.pre` names we map.
 pub const GGUF_PRE_TOKENIZERS: &[&str] = &["gpt-2", "qwen2", "llama3", "llama-v3", "llama-bpe"];
 
+/// SentencePiece's mark for a space.
+const SPM_SPACE: &str = "\u{2581}";
+
+/// The merges of a SentencePiece BPE vocabulary, which GGUF does not store: every split of a
+/// normal token into two normal tokens, the token with the higher score merged first (ties: the
+/// lower id), which is how SentencePiece's greedy pair merging ranks them.
+fn spm_merges(file: &crate::gguf::GgufFile, tokens: &[&str], types: &[i64]) -> Result<Vec<Value>> {
+    use crate::gguf::Value as G;
+    let err = |msg: String| tok_err(file.path(), msg);
+    let scores: Vec<f32> = match file.get("tokenizer.ggml.scores") {
+        None => {
+            return Err(err(
+                "metadata tokenizer.ggml.scores is missing (SentencePiece)".into(),
+            ));
+        }
+        Some(G::Array(a)) if a.len() == tokens.len() => a
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match *v {
+                G::F32(x) => Ok(x),
+                G::F64(x) => Ok(x as f32),
+                _ => Err(err(format!("tokenizer.ggml.scores[{i}] is not a float"))),
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => {
+            return Err(err(format!(
+                "tokenizer.ggml.scores is not an array of {} floats",
+                tokens.len()
+            )));
+        }
+    };
+    let normal: std::collections::HashMap<&str, usize> = tokens
+        .iter()
+        .zip(types)
+        .enumerate()
+        .filter(|(_, (_, ty))| **ty == TOKEN_NORMAL)
+        .map(|(id, (t, _))| (*t, id))
+        .collect();
+    let mut merges: Vec<(f32, usize, usize, usize)> = Vec::new();
+    for (&piece, &id) in &normal {
+        for (k, _) in piece.char_indices().skip(1) {
+            if let (Some(&a), Some(&b)) = (normal.get(&piece[..k]), normal.get(&piece[k..])) {
+                merges.push((scores[id], id, a, b));
+            }
+        }
+    }
+    merges.sort_by(|x, y| {
+        y.0.total_cmp(&x.0)
+            .then(x.1.cmp(&y.1))
+            .then(x.2.cmp(&y.2))
+            .then(x.3.cmp(&y.3))
+    });
+    Ok(merges
+        .into_iter()
+        .map(|(_, _, a, b)| serde_json::json!([tokens[a], tokens[b]]))
+        .collect())
+}
+
 /// llama.cpp's token types (`tokenizer.ggml.token_type`).
+const TOKEN_NORMAL: i64 = 1;
 const TOKEN_UNKNOWN: i64 = 2;
 const TOKEN_CONTROL: i64 = 3;
 const TOKEN_USER_DEFINED: i64 = 4;
@@ -222,11 +281,16 @@ fn gguf_tokenizer_json(
         .get("tokenizer.ggml.model")
         .and_then(G::as_str)
         .ok_or_else(|| err("metadata tokenizer.ggml.model is missing".into()))?;
-    if model != "gpt2" {
-        return Err(err(format!(
-            "tokenizer.ggml.model {model:?} is not supported (only \"gpt2\", byte-level BPE)"
-        )));
-    }
+    let spm = match model {
+        "gpt2" => false,
+        "llama" => true,
+        other => {
+            return Err(err(format!(
+                "tokenizer.ggml.model {other:?} is not supported (\"gpt2\": byte-level BPE, \
+                 \"llama\": SentencePiece BPE)"
+            )));
+        }
+    };
     let tokens: Vec<&str> = file
         .get("tokenizer.ggml.tokens")
         .and_then(G::as_array)
@@ -263,6 +327,7 @@ fn gguf_tokenizer_json(
         }
     };
     let merges: Vec<Value> = match file.get("tokenizer.ggml.merges") {
+        None if spm => spm_merges(file, &tokens, &types)?,
         None => Vec::new(),
         Some(v) => v
             .as_array()
@@ -292,10 +357,18 @@ fn gguf_tokenizer_json(
             }));
         }
     }
-    let pre = file
-        .get("tokenizer.ggml.pre")
-        .and_then(G::as_str)
-        .unwrap_or("(none)");
+    let pre = match file.get("tokenizer.ggml.pre").and_then(G::as_str) {
+        // SentencePiece: no pre-tokenizer (the name recorded is "default").
+        _ if spm => "(sentencepiece)",
+        Some(p) => p,
+        None => "(none)",
+    };
+    // SentencePiece marks spaces with U+2581 and (unless told otherwise) a leading one.
+    let space_prefix = file
+        .get("tokenizer.ggml.add_space_prefix")
+        .and_then(G::as_bool)
+        .unwrap_or(true);
+    let replace = |from: &str, to: &str| json!({"type": "Replace", "pattern": {"String": from}, "content": to});
     let byte_level = |use_regex: bool| {
         json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
                "use_regex": use_regex})
@@ -310,6 +383,12 @@ fn gguf_tokenizer_json(
     // Hugging Face's Qwen2 tokenizer NFC-normalises; GGUF does not record a normaliser, so it
     // is applied for the names whose tokenizers have it (our gpt2-style fixtures too).
     let (pre_tokenizer, normalizer) = match pre {
+        "(sentencepiece)" if space_prefix => (
+            Value::Null,
+            json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": SPM_SPACE}, replace(" ", SPM_SPACE)]}),
+        ),
+        "(sentencepiece)" => (Value::Null, replace(" ", SPM_SPACE)),
         "gpt-2" => (byte_level(true), json!({"type": "NFC"})),
         "qwen2" => (split(QWEN2_PATTERN), json!({"type": "NFC"})),
         "llama3" | "llama-v3" | "llama-bpe" => (split(LLAMA3_PATTERN), Value::Null),
@@ -361,6 +440,31 @@ fn gguf_tokenizer_json(
     } else {
         Value::Null
     };
+    let (decoder, unk_token) = if spm {
+        let mut steps = vec![
+            replace(SPM_SPACE, " "),
+            json!({"type": "ByteFallback"}),
+            json!({"type": "Fuse"}),
+        ];
+        if space_prefix {
+            steps.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+        }
+        let unk = id_of("tokenizer.ggml.unknown_token_id")?
+            .map(|(_, t)| t)
+            .or_else(|| {
+                types
+                    .iter()
+                    .position(|&t| t == TOKEN_UNKNOWN)
+                    .map(|i| tokens[i].to_string())
+            });
+        (json!({"type": "Sequence", "decoders": steps}), unk)
+    } else {
+        (
+            json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
+                   "use_regex": true}),
+            None,
+        )
+    };
     let json = json!({
         "version": "1.0",
         "truncation": null,
@@ -369,11 +473,10 @@ fn gguf_tokenizer_json(
         "normalizer": normalizer,
         "pre_tokenizer": pre_tokenizer,
         "post_processor": post_processor,
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true,
-                    "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": null,
+        "decoder": decoder,
+        "model": {"type": "BPE", "dropout": null, "unk_token": unk_token,
                   "continuing_subword_prefix": null, "end_of_word_suffix": null,
-                  "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "fuse_unk": spm, "byte_fallback": spm, "ignore_merges": false,
                   "vocab": vocab, "merges": merges},
     });
     Ok((json, bos.map(|b| b.1), eos.map(|e| e.1)))
