@@ -134,6 +134,17 @@ pub fn round_away(v: f32) -> f32 {
     }
 }
 
+/// `round_away(v) as i8` without branches, so the activation quantizer vectorizes: truncate,
+/// then step away from zero when the exact remainder is at least one half. Equal to
+/// `round_away(v) as i8` for every `f32` (saturating at the ends, NaN to 0; tested).
+#[inline(always)]
+pub fn round_to_i8(v: f32) -> i8 {
+    let t = v as i32 as f32;
+    let f = v - t;
+    let up = f32::from(u8::from(f >= 0.5)) - f32::from(u8::from(f <= -0.5));
+    (t + up) as i8
+}
+
 #[inline(always)]
 fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
@@ -467,13 +478,13 @@ impl QActs {
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (o, v) in qb.iter_mut().zip(xb) {
-                *o = round_away(v * id) as i8;
+                *o = round_to_i8(v * id);
             }
             d.push(amax / 127.0);
         }
         let sums16 = if q.is_k() {
             qv.chunks_exact(16)
-                .map(|c| c.iter().map(|&v| i16::from(v)).sum())
+                .map(|c| c.iter().fold(0i16, |s, &v| s + i16::from(v)))
                 .collect()
         } else {
             Vec::new()
@@ -710,6 +721,41 @@ mod tests {
             assert_eq!(round_away(x).to_bits(), x.round().to_bits(), "{x}");
         }
         assert!(round_away(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn round_to_i8_is_round_away() {
+        let mut v = -200.0f32;
+        while v < 200.0 {
+            for x in [v, v + 0.5, v - 0.5, f32::from_bits(v.to_bits() + 1), -v] {
+                assert_eq!(round_to_i8(x), round_away(x) as i8, "{x}");
+            }
+            v += 0.031_3;
+        }
+        for x in [
+            0.499_999_97f32,
+            -0.499_999_97,
+            0.5,
+            -0.5,
+            126.5,
+            -126.5,
+            127.49,
+            127.5,
+            -127.5,
+            -128.5,
+            1e9,
+            -1e9,
+            3e38,
+            -3e38,
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::MIN_POSITIVE,
+        ] {
+            assert_eq!(round_to_i8(x), round_away(x) as i8, "{x}");
+        }
     }
 
     #[test]

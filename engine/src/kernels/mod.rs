@@ -333,9 +333,41 @@ fn drive_quant(
     let n_blocks = rows.div_ceil(block);
     let out_len = out.len();
     let optr = OutPtr(out.as_mut_ptr());
+    // The 512-bit multi-row tiles (AVX-512 with VNNI).
+    #[cfg(target_arch = "x86_64")]
+    let wide = path == Path::Avx512 && quant_x86::has_vnni512();
     let run = |b: usize| {
         let r_begin = b * block;
         let r_end = (r_begin + block).min(rows);
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            let mut res = [0f32; quant_x86::R512 * quant_x86::T512];
+            for t0 in (0..n_tokens).step_by(quant_x86::T512) {
+                let tn = quant_x86::T512.min(n_tokens - t0);
+                for r0 in (r_begin..r_end).step_by(quant_x86::R512) {
+                    let rn = quant_x86::R512.min(r_end - r0);
+                    let ws = &w[r0 * row_bytes..(r0 + rn) * row_bytes];
+                    // SAFETY: `wide` means the CPU has AVX-512 F/BW/VNNI (and AVX2, FMA, F16C);
+                    // `ws` holds `rn` whole rows and the tokens exist in `acts`.
+                    unsafe {
+                        if q.is_k() {
+                            quant_x86::tile_k_512(q, ws, row_bytes, rn, &acts, t0, tn, &mut res)
+                        } else {
+                            quant_x86::tile32_512(q, ws, row_bytes, rn, &acts, t0, tn, &mut res)
+                        }
+                    };
+                    for r in 0..rn {
+                        for t in 0..tn {
+                            let i = (t0 + t) * rows + r0 + r;
+                            assert!(i < out_len);
+                            // SAFETY: as below.
+                            unsafe { *optr.get().add(i) = res[r * tn + t] };
+                        }
+                    }
+                }
+            }
+            return;
+        }
         let mut res = [0f32; QUANT_TN];
         for t0 in (0..n_tokens).step_by(QUANT_TN) {
             let tn = QUANT_TN.min(n_tokens - t0);

@@ -350,3 +350,464 @@ unsafe fn tile_q6k<const N: usize>(row: &[u8], acts: &QActs, t0: usize, out: &mu
         *o = k_fold(a);
     }
 }
+
+/// Whether the 512-bit kernels ([`tile32_512`]) can run: AVX-512 F and BW with VNNI.
+pub(super) fn has_vnni512() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vnni")
+            && std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Most rows and tokens one [`tile32_512`] call handles.
+pub(super) const R512: usize = 4;
+/// See [`R512`].
+pub(super) const T512: usize = 4;
+
+/// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
+/// (`row_bytes` apart) and `tn` (1..=[`T512`]) tokens, for `Q8_0` or `Q4_0` weights.
+///
+/// One 512-bit register holds the canonical lanes of a block pair: lanes 0-7 are the 8 quads of
+/// even block `b` and lanes 8-15 those of block `b + 1` (lane `8 * (b % 2) + j`), so a pair is one
+/// `vpdpbusd`, one scale product and one fused multiply-add per (row, token), in exactly the
+/// reference's order. The signed x signed 8-bit products go through `vpdpbusd`'s unsigned x
+/// signed form exactly: `Q8_0` offsets the activations by 128 (`x ^ 0x80`) and starts the sum at
+/// `-128 * sum(w)`; `Q4_0` keeps its unsigned nibbles and starts at `-8 * sum(x)`. Every integer
+/// stays far inside `i32`.
+///
+/// # Safety
+/// [`has_vnni512`] must hold; `w` holds `rn` rows of `row_bytes` (whole blocks of `q` matching
+/// `acts.cols`), and tokens `t0..t0 + tn` exist in `acts`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile32_512(
+    q: QType,
+    w: &[u8],
+    row_bytes: usize,
+    rn: usize,
+    acts: &QActs,
+    t0: usize,
+    tn: usize,
+    res: &mut [f32],
+) {
+    assert!(matches!(q, QType::Q8_0 | QType::Q4_0), "32-element types only");
+    assert_eq!(Some(row_bytes), q.row_bytes(acts.cols), "row size");
+    assert!((1..=R512).contains(&rn) && (1..=T512).contains(&tn), "tile shape");
+    assert!(w.len() >= rn * row_bytes, "rows");
+    assert!(res.len() >= rn * tn, "results");
+    assert!((t0 + tn) * acts.cols <= acts.q.len(), "token range");
+    // SAFETY: sizes checked above; the kernel reads only inside the rows and the tokens'
+    // activations (the last odd block is read with 256-bit or masked loads).
+    unsafe {
+        macro_rules! go {
+            ($r:literal, $t:literal) => {
+                if q == QType::Q8_0 {
+                    t32_512::<false, $r, $t>(w.as_ptr(), row_bytes, acts, t0, res)
+                } else {
+                    t32_512::<true, $r, $t>(w.as_ptr(), row_bytes, acts, t0, res)
+                }
+            };
+        }
+        macro_rules! rows {
+            ($t:literal) => {
+                match rn {
+                    1 => go!(1, $t),
+                    2 => go!(2, $t),
+                    3 => go!(3, $t),
+                    _ => go!(4, $t),
+                }
+            };
+        }
+        match tn {
+            1 => rows!(1),
+            2 => rows!(2),
+            3 => rows!(3),
+            _ => rows!(4),
+        }
+    }
+}
+
+#[inline(always)]
+unsafe fn t32_512<const Q4: bool, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    acts: &QActs,
+    t0: usize,
+    res: &mut [f32],
+) {
+    let bb = if Q4 { 18 } else { 34 };
+    let cols = acts.cols;
+    let nb = cols / 32;
+    // SAFETY: see `tile32_512`.
+    unsafe {
+        let zero = _mm512_setzero_si512();
+        let bias = _mm512_set1_epi8(-128);
+        let eights = _mm512_set1_epi8(8);
+        let m4 = _mm256_set1_epi8(0x0F);
+        // Lanes 0-7 take element 0 (the even block's scale), lanes 8-15 element 1.
+        let pair_idx = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let xq = acts.q.as_ptr().add(t0 * cols);
+        let xd = acts.d.as_ptr().add(t0 * nb);
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        // One block pair (or, with `$single`, the last odd block in lanes 0-7).
+        macro_rules! step {
+            ($b:expr, $single:expr) => {{
+                let b: usize = $b;
+                let single: bool = $single;
+                let xmask: __mmask64 = if single { 0xFFFF_FFFF } else { !0 };
+                // Per token: activations (offset for Q8_0), their pair scales, Q4_0's start.
+                let mut xv = [zero; N];
+                let mut xs = [_mm512_setzero_ps(); N];
+                let mut start = [zero; N];
+                for t in 0..N {
+                    let x = _mm512_maskz_loadu_epi8(xmask, xq.add(t * cols + 32 * b).cast());
+                    xv[t] = if Q4 { x } else { _mm512_xor_si512(x, bias) };
+                    xs[t] = if single {
+                        _mm512_maskz_mov_ps(0x00FF, _mm512_set1_ps(*xd.add(t * nb + b)))
+                    } else {
+                        let two = _mm_castpd_ps(_mm_load_sd(xd.add(t * nb + b).cast()));
+                        _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(two))
+                    };
+                    if Q4 {
+                        start[t] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, eights, x));
+                    }
+                }
+                for r in 0..R {
+                    let blk = w.add(r * row_bytes + b * bb);
+                    let h0 = blk.cast::<u16>().read_unaligned() as i16;
+                    let h1 = if single {
+                        0
+                    } else {
+                        blk.add(bb).cast::<u16>().read_unaligned() as i16
+                    };
+                    let dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
+                    let wv = if Q4 {
+                        let r0 = _mm_loadu_si128(blk.add(2).cast());
+                        let r1 = if single {
+                            _mm_setzero_si128()
+                        } else {
+                            _mm_loadu_si128(blk.add(bb + 2).cast())
+                        };
+                        let y = _mm256_set_m128i(r1, r0);
+                        let lo = _mm256_and_si256(y, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(y), m4);
+                        // [lo0 lo1 hi0 hi1] -> [lo0 hi0 lo1 hi1] (128-bit lanes): block order.
+                        let z = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                        _mm512_shuffle_i64x2::<0b11_01_10_00>(z, z)
+                    } else {
+                        let lo = _mm256_loadu_si256(blk.add(2).cast());
+                        let hi = if single {
+                            _mm256_setzero_si256()
+                        } else {
+                            _mm256_loadu_si256(blk.add(bb + 2).cast())
+                        };
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+                    };
+                    let wstart = if Q4 {
+                        zero
+                    } else {
+                        _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, bias, wv))
+                    };
+                    for t in 0..N {
+                        let p = if Q4 {
+                            _mm512_dpbusd_epi32(start[t], wv, xv[t])
+                        } else {
+                            _mm512_dpbusd_epi32(wstart, xv[t], wv)
+                        };
+                        let s = _mm512_mul_ps(dw, xs[t]);
+                        let p = _mm512_cvtepi32_ps(p);
+                        acc[r][t] = if single {
+                            _mm512_mask3_fmadd_ps(s, p, acc[r][t], 0x00FF)
+                        } else {
+                            _mm512_fmadd_ps(s, p, acc[r][t])
+                        };
+                    }
+                }
+            }};
+        }
+        let mut b = 0;
+        while b + 1 < nb {
+            step!(b, false);
+            b += 2;
+        }
+        if b < nb {
+            step!(b, true);
+        }
+        for (r, accr) in acc.iter().enumerate() {
+            for (t, a) in accr.iter().enumerate() {
+                let mut lanes = [0f32; LANES];
+                _mm512_storeu_ps(lanes.as_mut_ptr(), *a);
+                res[r * N + t] = fold_lanes(&lanes);
+            }
+        }
+    }
+}
+
+/// The totals of four vectors of 16 `i32` lanes, in lanes 0-3 (exact: integer additions).
+#[inline(always)]
+unsafe fn reduce4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
+    // SAFETY: register-only AVX-512F operations (the caller has AVX-512F).
+    unsafe {
+        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partial sums.
+        let ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        let cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+        let s = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+        // Across the four 128-bit lanes.
+        let s = _mm512_add_epi32(s, _mm512_shuffle_i32x4::<0b01_00_11_10>(s, s));
+        let s = _mm512_add_epi32(s, _mm512_shuffle_i32x4::<0b10_11_00_01>(s, s));
+        _mm512_castsi512_si128(s)
+    }
+}
+
+/// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
+/// (`row_bytes` apart) and `tn` (1..=[`T512`]) tokens, for the K types (`Q4_K`, `Q5_K`,
+/// `Q6_K`).
+///
+/// Per 256-block and (row, token) the exact integers `S` and `M` of the reference are built in
+/// 512-bit registers (64 elements per `vpmaddubsw` + `vpdpwssd` with the sub-block scales; for
+/// `Q6_K` the `-32` offset folded in as `-32 * sum(sc * sums16)`), reduced four (row, token) pairs
+/// at a time, and the two fused multiply-adds of [`k_accumulate`] run on four pairs at once
+/// with 128-bit float vectors, lane `b % 4` kept apart as in the reference, then folded as in
+/// [`k_fold`]. So the result equals [`crate::quant::dot_row_ref`] bit for bit.
+///
+/// # Safety
+/// [`has_vnni512`] must hold; `w` holds `rn` rows of `row_bytes` (whole blocks of `q` matching
+/// `acts.cols`), and tokens `t0..t0 + tn` exist in `acts` (with their 16-sums).
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn tile_k_512(
+    q: QType,
+    w: &[u8],
+    row_bytes: usize,
+    rn: usize,
+    acts: &QActs,
+    t0: usize,
+    tn: usize,
+    res: &mut [f32],
+) {
+    assert!(q.is_k(), "K types only");
+    assert_eq!(Some(row_bytes), q.row_bytes(acts.cols), "row size");
+    assert!((1..=R512).contains(&rn) && (1..=T512).contains(&tn), "tile shape");
+    assert!(w.len() >= rn * row_bytes, "rows");
+    assert!(res.len() >= rn * tn, "results");
+    assert!((t0 + tn) * acts.cols <= acts.q.len(), "token range");
+    assert!((t0 + tn) * acts.cols / 16 <= acts.sums16.len(), "token sums");
+    // SAFETY: sizes checked above; the kernel reads only inside the rows and the tokens'
+    // activations and sums.
+    unsafe {
+        macro_rules! go {
+            ($r:literal, $t:literal) => {
+                match q {
+                    QType::Q4_K => tk_512::<0, $r, $t>(w.as_ptr(), row_bytes, acts, t0, res),
+                    QType::Q5_K => tk_512::<1, $r, $t>(w.as_ptr(), row_bytes, acts, t0, res),
+                    _ => tk_512::<2, $r, $t>(w.as_ptr(), row_bytes, acts, t0, res),
+                }
+            };
+        }
+        macro_rules! rows {
+            ($t:literal) => {
+                match rn {
+                    1 => go!(1, $t),
+                    2 => go!(2, $t),
+                    3 => go!(3, $t),
+                    _ => go!(4, $t),
+                }
+            };
+        }
+        match tn {
+            1 => rows!(1),
+            2 => rows!(2),
+            3 => rows!(3),
+            _ => rows!(4),
+        }
+    }
+}
+
+/// `K`: 0 = `Q4_K`, 1 = `Q5_K`, 2 = `Q6_K`.
+#[inline(always)]
+unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
+    w: *const u8,
+    row_bytes: usize,
+    acts: &QActs,
+    t0: usize,
+    res: &mut [f32],
+) {
+    let bb = match K {
+        0 => 144,
+        1 => 176,
+        _ => 210,
+    };
+    let cols = acts.cols;
+    let nb = cols / 256;
+    // (row, token) pairs in groups of four: pair p = r * N + t.
+    let groups = (R * N).div_ceil(4);
+    // SAFETY: see `tile_k_512`.
+    unsafe {
+        let zero = _mm512_setzero_si512();
+        let m4 = _mm512_set1_epi8(0x0F);
+        let xq = acts.q.as_ptr().add(t0 * cols);
+        let s16p = acts.sums16.as_ptr().add(t0 * cols / 16);
+        let xd = acts.d.as_ptr().add(t0 * nb);
+        // i16 lane -> scale index: Q4_K/Q5_K chunk c takes scales 2c, 2c + 1 (one per 256-bit
+        // half); Q6_K register v takes sub-blocks 4v..4v + 4 (8 lanes each).
+        let mut idx45 = [zero; 4];
+        let mut idx6 = [zero; 4];
+        for c in 0..4 {
+            let mut a = [0i16; 32];
+            let mut b6 = [0i16; 32];
+            for i in 0..32 {
+                a[i] = (2 * c + i / 16) as i16;
+                b6[i] = (4 * c + i / 8) as i16;
+            }
+            idx45[c] = _mm512_loadu_si512(a.as_ptr().cast());
+            idx6[c] = _mm512_loadu_si512(b6.as_ptr().cast());
+        }
+        let m30 = _mm512_set1_epi8(0x30);
+        // Q6_K high bits: shift counts per 256-bit half.
+        let shl_a = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
+        let shr_b = _mm512_inserti64x4::<1>(_mm512_set1_epi16(0), _mm256_set1_epi16(2));
+        // Float lanes: acc[g][b % 4], lane i of group g = pair 4g + i.
+        let mut acc = [[_mm_setzero_ps(); 4]; R512 * T512 / 4];
+        for b in 0..nb {
+            let mut s = [[zero; N]; R];
+            let mut mv = [[zero; N]; R];
+            let mut dr = [0f32; R];
+            let mut dmr = [0f32; R];
+            for r in 0..R {
+                let blk = w.add(r * row_bytes + b * bb);
+                if K == 2 {
+                    dr[r] = f16_at(blk.add(208));
+                    let sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                        blk.add(192).cast(),
+                    )));
+                    for h in 0..2 {
+                        let ql = _mm512_loadu_si512(blk.add(64 * h).cast());
+                        let qh = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                            blk.add(128 + 32 * h).cast(),
+                        ));
+                        let va = _mm512_or_si512(
+                            _mm512_and_si512(ql, m4),
+                            _mm512_and_si512(_mm512_sllv_epi16(qh, shl_a), m30),
+                        );
+                        let vb = _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
+                            _mm512_and_si512(_mm512_srlv_epi16(qh, shr_b), m30),
+                        );
+                        for (k, v) in [va, vb].into_iter().enumerate() {
+                            let scv = _mm512_permutexvar_epi16(idx6[2 * h + k], sc16);
+                            for t in 0..N {
+                                let x = xq.add(t * cols + 256 * b + 128 * h + 64 * k);
+                                let p = _mm512_maddubs_epi16(v, _mm512_loadu_si512(x.cast()));
+                                s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
+                            }
+                        }
+                    }
+                    // The -32 offset: S -= 32 * sum_j sc_j * sums16_j (exact).
+                    for t in 0..N {
+                        let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
+                        let off = _mm256_madd_epi16(_mm512_castsi512_si256(sc16), sv);
+                        let off = _mm512_slli_epi32::<5>(_mm512_zextsi256_si512(off));
+                        s[r][t] = _mm512_sub_epi32(s[r][t], off);
+                    }
+                } else {
+                    dr[r] = f16_at(blk);
+                    dmr[r] = f16_at(blk.add(2));
+                    let (sc, mn) = k4_scales_mins(blk.add(4));
+                    let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
+                        sc as i64,
+                    )));
+                    let mb = _mm_cvtsi64_si128(mn as i64);
+                    let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb));
+                    let qs = blk.add(if K == 1 { 48 } else { 16 });
+                    let qh = if K == 1 {
+                        _mm512_broadcast_i64x4(_mm256_loadu_si256(blk.add(16).cast()))
+                    } else {
+                        zero
+                    };
+                    for c2 in 0..2 {
+                        let raw = _mm512_loadu_si512(qs.add(64 * c2).cast());
+                        let lo = _mm512_and_si512(raw, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+                        // [lo_c | hi_c] and [lo_c+1 | hi_c+1] (256-bit halves).
+                        let ws = [
+                            _mm512_shuffle_i64x2::<0b01_00_01_00>(lo, hi),
+                            _mm512_shuffle_i64x2::<0b11_10_11_10>(lo, hi),
+                        ];
+                        for (k, mut v) in ws.into_iter().enumerate() {
+                            let c = 2 * c2 + k;
+                            if K == 1 {
+                                // Fifth bits: bit 2c of qh for the low half, 2c + 1 for the high.
+                                let sel = _mm512_inserti64x4::<1>(
+                                    _mm512_set1_epi8((1u8 << (2 * c)) as i8),
+                                    _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8),
+                                );
+                                let top = _mm512_test_epi8_mask(qh, sel);
+                                v = _mm512_mask_add_epi8(v, top, v, _mm512_set1_epi8(16));
+                            }
+                            let scv = _mm512_permutexvar_epi16(idx45[c], sc16);
+                            for t in 0..N {
+                                let x = xq.add(t * cols + 256 * b + 64 * c);
+                                let p = _mm512_maddubs_epi16(v, _mm512_loadu_si512(x.cast()));
+                                s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
+                            }
+                        }
+                    }
+                    for t in 0..N {
+                        let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
+                        mv[r][t] = _mm512_zextsi256_si512(_mm256_madd_epi16(mn16, sv));
+                    }
+                }
+            }
+            // Reduce and accumulate four pairs at a time.
+            for g in 0..groups {
+                macro_rules! pick {
+                    ($v:expr, $i:expr) => {{
+                        let p = 4 * g + $i;
+                        if p < R * N { $v[p / N][p % N] } else { zero }
+                    }};
+                }
+                let st = reduce4(pick!(s, 0), pick!(s, 1), pick!(s, 2), pick!(s, 3));
+                let mut lanes_d = [0f32; 4];
+                let mut lanes_m = [0f32; 4];
+                let mut lanes_x = [0f32; 4];
+                for i in 0..4 {
+                    let p = (4 * g + i).min(R * N - 1);
+                    lanes_d[i] = dr[p / N];
+                    lanes_m[i] = dmr[p / N];
+                    lanes_x[i] = *xd.add((p % N) * nb + b);
+                }
+                let dx = _mm_loadu_ps(lanes_x.as_ptr());
+                let ds = _mm_mul_ps(_mm_loadu_ps(lanes_d.as_ptr()), dx);
+                let dm = _mm_xor_ps(
+                    _mm_mul_ps(_mm_loadu_ps(lanes_m.as_ptr()), dx),
+                    _mm_set1_ps(-0.0),
+                );
+                let a = &mut acc[g][b % 4];
+                *a = _mm_fmadd_ps(ds, _mm_cvtepi32_ps(st), *a);
+                let mt = if K == 2 {
+                    _mm_setzero_si128()
+                } else {
+                    reduce4(pick!(mv, 0), pick!(mv, 1), pick!(mv, 2), pick!(mv, 3))
+                };
+                *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
+            }
+        }
+        for g in 0..groups {
+            let a = &acc[g];
+            let f = _mm_add_ps(_mm_add_ps(a[0], a[2]), _mm_add_ps(a[1], a[3]));
+            let mut lanes = [0f32; 4];
+            _mm_storeu_ps(lanes.as_mut_ptr(), f);
+            for (i, v) in lanes.iter().enumerate() {
+                let p = 4 * g + i;
+                if p < R * N {
+                    res[p] = *v;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,87 @@
+//! Same-process A/B of the quantized kernels on one core, timed in thread CPU time (so other
+//! processes on a shared machine do not count): each kernel path against the others on
+//! expert-sized products, alternating paths round by round and keeping each one's best round.
+//!
+//! `cargo bench -p moeshard-engine --bench quant_ab` (Linux: reads /proc/thread-self/schedstat).
+//! Optional filter argument: a type name (`q8_0`, `q4_k`, ...).
+
+use std::hint::black_box;
+
+use moeshard_engine::Mat;
+use moeshard_engine::kernels::{self, Path};
+use moeshard_engine::quant::{self, QType};
+
+/// Nanoseconds this thread has run on a CPU.
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .expect("reading /proc/thread-self/schedstat")
+}
+
+fn values(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+fn main() {
+    let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
+    let paths: Vec<Path> = kernels::available_paths()
+        .into_iter()
+        .filter(|p| *p != Path::Scalar)
+        .collect();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    println!("one core, thread CPU time, best of 7 alternating rounds; GB/s of weights");
+    for q in [QType::Q8_0, QType::Q4_0, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+        if filter.as_deref().is_some_and(|f| f != q.name()) {
+            continue;
+        }
+        for (rows, cols, n) in [(512, 1024, 1), (1024, 512, 1), (512, 1024, 64), (1024, 512, 64)] {
+            let mut w = Vec::new();
+            quant::quantize(q, &values(rows * cols, 7), &mut w);
+            let x = values(n * cols, 3);
+            let mut out = vec![0f32; rows * n];
+            let iters = (2_000_000 / (rows * cols * n / 1024)).clamp(3, 2000);
+            let mut best = vec![u64::MAX; paths.len()];
+            pool.install(|| {
+                for _round in 0..7 {
+                    for (i, &p) in paths.iter().enumerate() {
+                        let t = thread_cpu_ns();
+                        for _ in 0..iters {
+                            kernels::matmul_with(p, Mat::Quant(q, &w), rows, cols, &x, n, &mut out);
+                            black_box(&out);
+                        }
+                        best[i] = best[i].min((thread_cpu_ns() - t) / iters as u64);
+                    }
+                }
+            });
+            let line: Vec<String> = paths
+                .iter()
+                .zip(&best)
+                .map(|(p, &ns)| {
+                    format!(
+                        "{p:?} {:.1} us {:.1} GB/s",
+                        ns as f64 / 1e3,
+                        w.len() as f64 / ns as f64
+                    )
+                })
+                .collect();
+            let ratio = best[0] as f64 / *best.last().unwrap_or(&1) as f64;
+            println!(
+                "{} {rows}x{cols} n={n}: {} | first/last {ratio:.2}x",
+                q.name(),
+                line.join(" | ")
+            );
+        }
+    }
+}
