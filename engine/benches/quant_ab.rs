@@ -42,11 +42,22 @@ fn main() {
         .build()
         .expect("pool");
     println!("one core, thread CPU time, best of 7 alternating rounds; GB/s of weights");
-    for q in [QType::Q8_0, QType::Q4_0, QType::Q4_K, QType::Q5_K, QType::Q6_K] {
+    for q in [
+        QType::Q8_0,
+        QType::Q4_0,
+        QType::Q4_K,
+        QType::Q5_K,
+        QType::Q6_K,
+    ] {
         if filter.as_deref().is_some_and(|f| f != q.name()) {
             continue;
         }
-        for (rows, cols, n) in [(512, 1024, 1), (1024, 512, 1), (512, 1024, 64), (1024, 512, 64)] {
+        for (rows, cols, n) in [
+            (512, 1024, 1),
+            (1024, 512, 1),
+            (512, 1024, 64),
+            (1024, 512, 64),
+        ] {
             let mut w = Vec::new();
             quant::quantize(q, &values(rows * cols, 7), &mut w);
             let x = values(n * cols, 3);

@@ -3,8 +3,12 @@
 //! the float accumulation follows the reference lane for lane, so results equal
 //! [`crate::quant::dot_row_ref`] bit for bit.
 //!
-//! Each call computes one weight row against up to [`TN`] tokens, so a block's weights are
-//! loaded and unpacked once for all of them. 16-bit pair sums cannot saturate:
+//! [`dot_tile`] (AVX2, with 256-bit `vpdpbusd` where available) computes one weight row against
+//! up to [`TN`] tokens, so a block's weights are loaded and unpacked once for all of them. Where
+//! AVX-512 F/BW/VNNI are detected, the [`Path::Avx512`](super::Path) driver uses
+//! [`tile32_512`] and [`tile_k_512`] instead: tiles of up to [`R512`] rows x [`T512`] tokens in
+//! 512-bit registers (a weight block is unpacked once per tile, each activation load serves four
+//! rows), still in the canonical order. 16-bit pair sums cannot saturate:
 //! `_mm256_maddubs_epi16` multiplies an unsigned weight (at most 128 after the sign trick, 63 for
 //! K types) by an activation in [-127, 127].
 
@@ -395,9 +399,15 @@ pub(super) unsafe fn tile32_512(
     tn: usize,
     res: &mut [f32],
 ) {
-    assert!(matches!(q, QType::Q8_0 | QType::Q4_0), "32-element types only");
+    assert!(
+        matches!(q, QType::Q8_0 | QType::Q4_0),
+        "32-element types only"
+    );
     assert_eq!(Some(row_bytes), q.row_bytes(acts.cols), "row size");
-    assert!((1..=R512).contains(&rn) && (1..=T512).contains(&tn), "tile shape");
+    assert!(
+        (1..=R512).contains(&rn) && (1..=T512).contains(&tn),
+        "tile shape"
+    );
     assert!(w.len() >= rn * row_bytes, "rows");
     assert!(res.len() >= rn * tn, "results");
     assert!((t0 + tn) * acts.cols <= acts.q.len(), "token range");
@@ -485,7 +495,8 @@ unsafe fn t32_512<const Q4: bool, const R: usize, const N: usize>(
                     } else {
                         blk.add(bb).cast::<u16>().read_unaligned() as i16
                     };
-                    let dw = _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
+                    let dw =
+                        _mm512_cvtph_ps(_mm256_set_m128i(_mm_set1_epi16(h1), _mm_set1_epi16(h0)));
                     let wv = if Q4 {
                         let r0 = _mm_loadu_si128(blk.add(2).cast());
                         let r1 = if single {
@@ -592,11 +603,17 @@ pub(super) unsafe fn tile_k_512(
 ) {
     assert!(q.is_k(), "K types only");
     assert_eq!(Some(row_bytes), q.row_bytes(acts.cols), "row size");
-    assert!((1..=R512).contains(&rn) && (1..=T512).contains(&tn), "tile shape");
+    assert!(
+        (1..=R512).contains(&rn) && (1..=T512).contains(&tn),
+        "tile shape"
+    );
     assert!(w.len() >= rn * row_bytes, "rows");
     assert!(res.len() >= rn * tn, "results");
     assert!((t0 + tn) * acts.cols <= acts.q.len(), "token range");
-    assert!((t0 + tn) * acts.cols / 16 <= acts.sums16.len(), "token sums");
+    assert!(
+        (t0 + tn) * acts.cols / 16 <= acts.sums16.len(),
+        "token sums"
+    );
     // SAFETY: sizes checked above; the kernel reads only inside the rows and the tokens'
     // activations and sums.
     unsafe {
@@ -630,6 +647,8 @@ pub(super) unsafe fn tile_k_512(
 
 /// `K`: 0 = `Q4_K`, 1 = `Q5_K`, 2 = `Q6_K`.
 #[inline(always)]
+// (row, token) indices address several arrays at once.
+#[allow(clippy::needless_range_loop)]
 unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
     w: *const u8,
     row_bytes: usize,
@@ -718,9 +737,8 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     dr[r] = f16_at(blk);
                     dmr[r] = f16_at(blk.add(2));
                     let (sc, mn) = k4_scales_mins(blk.add(4));
-                    let sc16 = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(
-                        sc as i64,
-                    )));
+                    let sc16 =
+                        _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                     let mb = _mm_cvtsi64_si128(mn as i64);
                     let mn16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mb, mb));
                     let qs = blk.add(if K == 1 { 48 } else { 16 });
@@ -772,21 +790,19 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     }};
                 }
                 let st = reduce4(pick!(s, 0), pick!(s, 1), pick!(s, 2), pick!(s, 3));
-                let mut lanes_d = [0f32; 4];
-                let mut lanes_m = [0f32; 4];
-                let mut lanes_x = [0f32; 4];
-                for i in 0..4 {
-                    let p = (4 * g + i).min(R * N - 1);
-                    lanes_d[i] = dr[p / N];
-                    lanes_m[i] = dmr[p / N];
-                    lanes_x[i] = *xd.add((p % N) * nb + b);
-                }
-                let dx = _mm_loadu_ps(lanes_x.as_ptr());
-                let ds = _mm_mul_ps(_mm_loadu_ps(lanes_d.as_ptr()), dx);
-                let dm = _mm_xor_ps(
-                    _mm_mul_ps(_mm_loadu_ps(lanes_m.as_ptr()), dx),
-                    _mm_set1_ps(-0.0),
+                // Pair i's row scale and token scale (padding pairs repeat the last pair).
+                let pr = |i: usize| (4 * g + i).min(R * N - 1);
+                let (p0, p1, p2, p3) = (pr(0), pr(1), pr(2), pr(3));
+                let dx = _mm_setr_ps(
+                    *xd.add((p0 % N) * nb + b),
+                    *xd.add((p1 % N) * nb + b),
+                    *xd.add((p2 % N) * nb + b),
+                    *xd.add((p3 % N) * nb + b),
                 );
+                let dv = _mm_setr_ps(dr[p0 / N], dr[p1 / N], dr[p2 / N], dr[p3 / N]);
+                let ds = _mm_mul_ps(dv, dx);
+                let mv4 = _mm_setr_ps(dmr[p0 / N], dmr[p1 / N], dmr[p2 / N], dmr[p3 / N]);
+                let dm = _mm_xor_ps(_mm_mul_ps(mv4, dx), _mm_set1_ps(-0.0));
                 let a = &mut acc[g][b % 4];
                 *a = _mm_fmadd_ps(ds, _mm_cvtepi32_ps(st), *a);
                 let mt = if K == 2 {
