@@ -52,14 +52,18 @@ fn main() {
         if filter.as_deref().is_some_and(|f| f != q.name()) {
             continue;
         }
-        for (rows, cols, n) in [
-            (512, 1024, 1),
-            (1024, 512, 1),
-            (512, 1024, 64),
-            (1024, 512, 64),
+        // (rows, cols, tokens, matrices cycled through: many = from DRAM, like decode).
+        for (rows, cols, n, copies) in [
+            (512, 1024, 1, 1),
+            (512, 1024, 1, 1000),
+            (1024, 512, 1, 1),
+            (512, 1024, 64, 1),
+            (1024, 512, 64, 1),
         ] {
-            let mut w = Vec::new();
-            quant::quantize(q, &values(rows * cols, 7), &mut w);
+            let mut one = Vec::new();
+            quant::quantize(q, &values(rows * cols, 7), &mut one);
+            let set: Vec<Vec<u8>> = (0..copies).map(|_| one.clone()).collect();
+            let w = &set[0];
             let x = values(n * cols, 3);
             let mut out = vec![0f32; rows * n];
             let iters = (2_000_000 / (rows * cols * n / 1024)).clamp(3, 2000);
@@ -68,8 +72,9 @@ fn main() {
                 for _round in 0..7 {
                     for (i, &p) in paths.iter().enumerate() {
                         let t = thread_cpu_ns();
-                        for _ in 0..iters {
-                            kernels::matmul_with(p, Mat::Quant(q, &w), rows, cols, &x, n, &mut out);
+                        for k in 0..iters {
+                            let w = Mat::Quant(q, &set[(k + 7 * i) % copies]);
+                            kernels::matmul_with(p, w, rows, cols, &x, n, &mut out);
                             black_box(&out);
                         }
                         best[i] = best[i].min((thread_cpu_ns() - t) / iters as u64);
@@ -89,8 +94,9 @@ fn main() {
                 .collect();
             let ratio = best[0] as f64 / *best.last().unwrap_or(&1) as f64;
             println!(
-                "{} {rows}x{cols} n={n}: {} | first/last {ratio:.2}x",
+                "{} {rows}x{cols} n={n}{}: {} | first/last {ratio:.2}x",
                 q.name(),
+                if copies > 1 { " (DRAM)" } else { "" },
                 line.join(" | ")
             );
         }

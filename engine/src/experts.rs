@@ -90,8 +90,8 @@ impl ExpertWeights {
         let inter = self.gate_proj.shape()[0];
         let mut g = vec![0f32; n * inter];
         let mut u = vec![0f32; n * inter];
-        kernels::matmul(self.gate_proj.mat(), inter, hidden, x, n, &mut g);
-        kernels::matmul(self.up_proj.mat(), inter, hidden, x, n, &mut u);
+        let (gate, up) = (self.gate_proj.mat(), self.up_proj.mat());
+        kernels::matmul_pair(gate, up, inter, hidden, x, n, &mut g, &mut u);
         if let Some(b) = &self.biases {
             add_bias(&mut g, &b.gate);
             add_bias(&mut u, &b.up);

@@ -474,7 +474,15 @@ impl QActs {
         );
         let mut qv = vec![0i8; x.len()];
         let mut d = Vec::with_capacity(x.len() / block);
+        #[cfg(target_arch = "x86_64")]
+        let simd = crate::kernels::has_avx512bw();
         for (xb, qb) in x.chunks_exact(block).zip(qv.chunks_exact_mut(block)) {
+            #[cfg(target_arch = "x86_64")]
+            if simd {
+                // SAFETY: AVX-512 F/BW detected; both blocks have `block` (32 or 256) values.
+                d.push(unsafe { crate::kernels::quantize_block_512(xb, qb) } / 127.0);
+                continue;
+            }
             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
             let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
             for (o, v) in qb.iter_mut().zip(xb) {

@@ -562,6 +562,73 @@ mod quantized {
         }
     }
 
+    #[test]
+    fn gate_up_pair_equals_two_products() {
+        for q in ALL {
+            for &(rows, cols, n) in &[(64, 512, 1), (130, 256, 5), (8, 1024, 64)] {
+                let nb = rows * cols / q.block_elems();
+                let (w1, w2) = (random_blocks(q, nb, 3), random_blocks(q, nb, 4));
+                let x = acts(n * cols, 11);
+                let mut want1 = vec![0f32; rows * n];
+                let mut want2 = vec![0f32; rows * n];
+                kernels::matmul(Mat::Quant(q, &w1), rows, cols, &x, n, &mut want1);
+                kernels::matmul(Mat::Quant(q, &w2), rows, cols, &x, n, &mut want2);
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut got1 = vec![0f32; rows * n];
+                    let mut got2 = vec![0f32; rows * n];
+                    pool.install(|| {
+                        kernels::matmul_pair(
+                            Mat::Quant(q, &w1),
+                            Mat::Quant(q, &w2),
+                            rows,
+                            cols,
+                            &x,
+                            n,
+                            &mut got1,
+                            &mut got2,
+                        )
+                    });
+                    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got1),
+                        bits(&want1),
+                        "{q:?} {rows}x{cols} n={n} t={threads}"
+                    );
+                    assert_eq!(
+                        bits(&got2),
+                        bits(&want2),
+                        "{q:?} {rows}x{cols} n={n} t={threads}"
+                    );
+                }
+            }
+        }
+        // Different types fall back to two products.
+        let (rows, cols) = (16, 256);
+        let w1 = random_blocks(QType::Q8_0, rows * cols / 32, 5);
+        let w2 = random_blocks(QType::Q4_K, rows * cols / 256, 6);
+        let x = acts(cols, 2);
+        let (mut a, mut b) = (vec![0f32; rows], vec![0f32; rows]);
+        kernels::matmul_pair(
+            Mat::Quant(QType::Q8_0, &w1),
+            Mat::Quant(QType::Q4_K, &w2),
+            rows,
+            cols,
+            &x,
+            1,
+            &mut a,
+            &mut b,
+        );
+        let mut want = vec![0f32; rows];
+        kernels::matmul(Mat::Quant(QType::Q4_K, &w2), rows, cols, &x, 1, &mut want);
+        assert_eq!(b, want);
+        kernels::matmul(Mat::Quant(QType::Q8_0, &w1), rows, cols, &x, 1, &mut want);
+        assert_eq!(a, want);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]

@@ -152,6 +152,19 @@ pub fn available_paths() -> Vec<Path> {
         .collect()
 }
 
+/// Whether AVX-512 F and BW are available (the activation quantizer's SIMD form).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512bw() -> bool {
+    static V: OnceLock<bool> = OnceLock::new();
+    *V.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use quant_x86::quantize_block_512;
+
 /// The fastest available path, chosen once per process.
 pub fn best_path() -> Path {
     static BEST: OnceLock<Path> = OnceLock::new();
@@ -316,7 +329,21 @@ fn drive_quant(
     n_tokens: usize,
     out: &mut [f32],
 ) {
-    if out.is_empty() {
+    drive_quant_many(path, q, cols, x, n_tokens, &mut [(w, rows, out)]);
+}
+
+/// Several products of the same activations with matrices of one quantized type (`(weights,
+/// rows, out)` each, like [`matmul`]): the activations are quantized once and the row blocks of
+/// all matrices share one parallel loop (an expert's gate and up projections).
+fn drive_quant_many(
+    path: Path,
+    q: QType,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    jobs: &mut [(&[u8], usize, &mut [f32])],
+) {
+    if jobs.iter().all(|j| j.2.is_empty()) {
         return;
     }
     let row_bytes = q
@@ -324,20 +351,30 @@ fn drive_quant(
         .unwrap_or_else(|| panic!("matmul: {cols} columns are not whole {q:?} blocks"));
     let acts = QActs::new(q, x, cols);
     let threads = rayon::current_num_threads();
-    let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
-    let serial = threads <= 1 || work < SERIAL_WORK || rows < 2;
+    let total_rows: usize = jobs.iter().map(|j| j.1).sum();
+    let work = total_rows.saturating_mul(cols).saturating_mul(n_tokens);
+    let serial = threads <= 1 || work < SERIAL_WORK || total_rows < 2;
     let mut block = (BLOCK_BYTES / row_bytes.max(1)).max(1);
     if !serial {
-        block = block.min(rows.div_ceil(4 * threads));
+        block = block.min(total_rows.div_ceil(4 * threads));
     }
-    let n_blocks = rows.div_ceil(block);
-    let out_len = out.len();
-    let optr = OutPtr(out.as_mut_ptr());
+    // A multiple of the widest row tile, so tiles are not split at block ends.
+    let block = block.div_ceil(4) * 4;
+    // Tasks: (job, first row) for every block of every job, in job order.
+    let tasks: Vec<(usize, usize)> = jobs
+        .iter()
+        .enumerate()
+        .flat_map(|(k, j)| (0..j.1).step_by(block).map(move |r| (k, r)))
+        .collect();
+    let outs: Vec<(&[u8], usize, usize, OutPtr)> = jobs
+        .iter_mut()
+        .map(|(w, rows, out)| (*w, *rows, out.len(), OutPtr(out.as_mut_ptr())))
+        .collect();
     // The 512-bit multi-row tiles (AVX-512 with VNNI).
     #[cfg(target_arch = "x86_64")]
     let wide = path == Path::Avx512 && quant_x86::has_vnni512();
-    let run = |b: usize| {
-        let r_begin = b * block;
+    let run = |&(k, r_begin): &(usize, usize)| {
+        let (w, rows, out_len, optr) = outs[k];
         let r_end = (r_begin + block).min(rows);
         #[cfg(target_arch = "x86_64")]
         if wide {
@@ -377,17 +414,63 @@ fn drive_quant(
                 for (t, v) in res[..tn].iter().enumerate() {
                     let i = (t0 + t) * rows + r;
                     assert!(i < out_len);
-                    // SAFETY: `i < out.len()` and row `r` belongs to this task alone; `out` is
-                    // exclusively borrowed for the whole call and outlives the tasks.
+                    // SAFETY: `i < out.len()` of job `k`, and row `r` of job `k` belongs to
+                    // this task alone; the outputs are exclusively borrowed for the whole call
+                    // and outlive the tasks.
                     unsafe { *optr.get().add(i) = *v };
                 }
             }
         }
     };
     if serial {
-        (0..n_blocks).for_each(run);
+        tasks.iter().for_each(run);
     } else {
-        (0..n_blocks).into_par_iter().for_each(run);
+        tasks.par_iter().for_each(run);
+    }
+}
+
+/// `out1 = W1 x` and `out2 = W2 x` (each like [`matmul`], both `[rows, cols]`): when both are
+/// quantized to the same type the activations are quantized once and both matrices share one
+/// parallel loop; the results are the same bits as two [`matmul`] calls.
+///
+/// # Panics
+/// As [`matmul`].
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_pair(
+    w1: Mat<'_>,
+    w2: Mat<'_>,
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+    out1: &mut [f32],
+    out2: &mut [f32],
+) {
+    let path = best_path();
+    match (w1, w2) {
+        (Mat::Quant(q1, b1), Mat::Quant(q2, b2)) if q1 == q2 => {
+            for (b, o) in [(b1, &*out1), (b2, &*out2)] {
+                assert_eq!(
+                    Some(b.len()),
+                    q1.row_bytes(cols).and_then(|r| r.checked_mul(rows)),
+                    "weight size"
+                );
+                assert_eq!(Some(o.len()), n_tokens.checked_mul(rows), "output size");
+            }
+            assert_eq!(Some(x.len()), n_tokens.checked_mul(cols), "activation size");
+            drive_quant_many(
+                path,
+                q1,
+                cols,
+                x,
+                n_tokens,
+                &mut [(b1, rows, out1), (b2, rows, out2)],
+            );
+        }
+        _ => {
+            matmul_with(path, w1, rows, cols, x, n_tokens, out1);
+            matmul_with(path, w2, rows, cols, x, n_tokens, out2);
+        }
     }
 }
 

@@ -489,6 +489,11 @@ unsafe fn t32_512<const Q4: bool, const R: usize, const N: usize>(
                 }
                 for r in 0..R {
                     let blk = w.add(r * row_bytes + b * bb);
+                    // The same place in the next tile's rows (the driver's next call): decode
+                    // streams rows from DRAM, and the hardware prefetchers restart at every page.
+                    let pf = blk.wrapping_add(R * row_bytes);
+                    _mm_prefetch::<_MM_HINT_T0>(pf.cast());
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64).cast());
                     let h0 = blk.cast::<u16>().read_unaligned() as i16;
                     let h1 = if single {
                         0
@@ -699,6 +704,13 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
             let mut dmr = [0f32; R];
             for r in 0..R {
                 let blk = w.add(r * row_bytes + b * bb);
+                // As in `t32_512`: the same block of the next tile's rows.
+                let pf = blk.wrapping_add(R * row_bytes);
+                let mut o = 0;
+                while o < bb {
+                    _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(o).cast());
+                    o += 64;
+                }
                 if K == 2 {
                     dr[r] = f16_at(blk.add(208));
                     let sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
@@ -824,6 +836,127 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     res[p] = *v;
                 }
             }
+        }
+    }
+}
+
+/// Quantizes one block of activations (a multiple of 16 values) to 8 bits exactly as the scalar
+/// code of [`QActs::new`] does (`amax` ignoring NaNs, `round_to_i8(v * 127 / amax)`), 16 lanes at
+/// a time; returns `amax`.
+///
+/// # Safety
+/// The CPU must have AVX-512 F and BW; `qb.len() == xb.len()`, a multiple of 16.
+#[target_feature(enable = "avx512f,avx512bw")]
+pub(crate) unsafe fn quantize_block_512(xb: &[f32], qb: &mut [i8]) -> f32 {
+    assert!(
+        xb.len() == qb.len() && xb.len().is_multiple_of(16),
+        "block size"
+    );
+    // SAFETY: every load and store is inside `xb` / `qb` (16 lanes at offsets < len).
+    unsafe {
+        let absmask = _mm512_set1_epi32(0x7FFF_FFFF);
+        let mut m = _mm512_setzero_ps();
+        for i in (0..xb.len()).step_by(16) {
+            let v = _mm512_loadu_ps(xb.as_ptr().add(i));
+            let a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), absmask));
+            // `vmaxps` returns its second operand when either is NaN: NaN lanes keep `m`, like
+            // `f32::max` in the scalar fold (and max is exact, so the order does not matter).
+            m = _mm512_max_ps(a, m);
+        }
+        let amax = _mm512_reduce_max_ps(m);
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        let idv = _mm512_set1_ps(id);
+        let (lim, half) = (_mm512_set1_ps(200.0), _mm512_set1_ps(0.5));
+        let one = _mm512_set1_ps(1.0);
+        for i in (0..xb.len()).step_by(16) {
+            let p = _mm512_mul_ps(_mm512_loadu_ps(xb.as_ptr().add(i)), idv);
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(p, p);
+            // Beyond +-200 every value saturates to the same i8 (as `as i8` does); NaN -> 0.
+            let p = _mm512_max_ps(
+                _mm512_min_ps(p, lim),
+                _mm512_sub_ps(_mm512_setzero_ps(), lim),
+            );
+            let t = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(p));
+            let f = _mm512_sub_ps(p, t);
+            let up = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(f, half);
+            let down =
+                _mm512_cmp_ps_mask::<_CMP_LE_OQ>(f, _mm512_sub_ps(_mm512_setzero_ps(), half));
+            let r = _mm512_mask_add_ps(t, up, t, one);
+            let r = _mm512_mask_sub_ps(r, down, r, one);
+            let q = _mm512_maskz_mov_epi32(!nan, _mm512_cvtps_epi32(r));
+            _mm_storeu_si128(qb.as_mut_ptr().add(i).cast(), _mm512_cvtsepi32_epi8(q));
+        }
+        amax
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn simd_activation_quantizer_equals_scalar() {
+        let ok = std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw");
+        if !ok {
+            eprintln!("no AVX-512 BW here: the SIMD quantizer is not used on this machine");
+            return;
+        }
+        let specials = [
+            0.0f32,
+            -0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            1e-40,
+            -1e-45,
+            f32::MAX,
+            -f32::MAX,
+            0.5,
+            -0.5,
+        ];
+        let mut s = 12345u32;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 17;
+            s ^= s << 5;
+            s
+        };
+        for case in 0..400 {
+            let mut xb: Vec<f32> = (0..32)
+                .map(|_| (next() as i32 as f32) / 2f32.powi((next() % 40) as i32))
+                .collect();
+            // Some blocks with special values, some with exact halves after scaling.
+            if case % 3 == 0 {
+                let i = (next() % 32) as usize;
+                xb[i] = specials[(next() as usize) % specials.len()];
+            }
+            if case % 5 == 0 {
+                for (k, v) in xb.iter_mut().enumerate() {
+                    *v = (k as f32 - 16.0) * 0.5;
+                }
+            }
+            if case == 7 {
+                xb.iter_mut().for_each(|v| *v = 0.0);
+            }
+            if case == 11 {
+                // A subnormal amax: the inverse scale is infinite (0 * inf is NaN).
+                xb.iter_mut().for_each(|v| *v = 1e-40);
+                xb[3] = 0.0;
+                xb[4] = -1e-41;
+            }
+            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+            let want: Vec<i8> = xb
+                .iter()
+                .map(|v| crate::quant::round_to_i8(v * id))
+                .collect();
+            let mut got = vec![0i8; 32];
+            // SAFETY: AVX-512 F/BW checked above; equal lengths, a multiple of 16.
+            let gm = unsafe { quantize_block_512(&xb, &mut got) };
+            assert_eq!(gm.to_bits(), amax.to_bits(), "amax of {xb:?}");
+            assert_eq!(got, want, "{xb:?}");
         }
     }
 }
