@@ -80,6 +80,11 @@ pub(crate) struct ClusterArgs {
     /// Host a share of the experts in this process too, up to this many bytes.
     #[arg(long)]
     pub coordinator_capacity: Option<u64>,
+    /// Manifest the tensors this process computes with (the dense part; every expert when they
+    /// run in-process) are checked against at load (default: moeshard.manifest.json beside the
+    /// checkpoint, when there is one).
+    #[arg(long)]
+    pub manifest: Option<PathBuf>,
     /// Deadline of every request to a worker, in seconds.
     #[arg(long, default_value_t = 30.0)]
     pub rpc_timeout: f64,

@@ -18,6 +18,7 @@ use moeshard_engine::{DType, ExpertBackend, LocalExperts, Model, ModelConfig};
 use moeshard_proto::auth::ClusterKey;
 use moeshard_proto::{Transport, listening_line};
 use moeshard_worker::WorkerCore;
+use moeshard_worker::manifest::{self, MANIFEST_FILE};
 
 use crate::cli::ClusterArgs;
 
@@ -196,13 +197,90 @@ pub(crate) fn open_checkpoint(
     Ok((cfg, ckpt))
 }
 
+/// Checks the tensors this process computes with against the checkpoint's manifest (`explicit`,
+/// else `DIR/moeshard.manifest.json` when present): the dense part, and the routed experts too
+/// when `experts` (they run in-process). A mismatch is an error naming the tensor and its file;
+/// no manifest means nothing to check.
+fn verify_own_tensors(
+    dir: &Path,
+    cfg: &ModelConfig,
+    ckpt: &mut Checkpoint,
+    explicit: Option<&Path>,
+    experts: bool,
+) -> Result<()> {
+    if ckpt.is_synthetic() {
+        return Ok(());
+    }
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None if dir.join(MANIFEST_FILE).is_file() => dir.join(MANIFEST_FILE),
+        None => return Ok(()),
+    };
+    let m = manifest::load(&path)?;
+    // A manifest describes the files as stored, before any quantization on load.
+    let q = ckpt.quantize();
+    ckpt.set_quantize(None);
+    let stored = moeshard_engine::fingerprint::model_fingerprint(dir, ckpt);
+    ckpt.set_quantize(q);
+    let stored = stored?;
+    if m.model_fingerprint != stored {
+        bail!(
+            "{} is for model {}, the checkpoint is model {stored}",
+            path.display(),
+            m.model_fingerprint
+        );
+    }
+    let routed: std::collections::BTreeSet<String> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .flat_map(|(l, e)| {
+            let n = cfg.expert_tensor_names(l, e);
+            [n.gate_proj, n.up_proj, n.down_proj]
+        })
+        .collect();
+    let names: Vec<String> = ckpt
+        .names()
+        .filter(|n| experts || !routed.contains(*n))
+        .map(str::to_string)
+        .collect();
+    let started = std::time::Instant::now();
+    let bad = manifest::verify(ckpt, &m, Some(&names), &|_| {})?;
+    if let Some(first) = bad.first() {
+        for b in &bad {
+            tracing::warn!("{b}");
+        }
+        bail!(
+            "tensor {} in {} does not match {}: {}{}",
+            first.tensor,
+            first.file.display(),
+            path.display(),
+            first.what,
+            match bad.len() - 1 {
+                0 => String::new(),
+                n => format!(" (and {n} more tensors)"),
+            }
+        );
+    }
+    tracing::info!(
+        tensors = names.len(),
+        ms = started.elapsed().as_millis() as u64,
+        manifest = %path.display(),
+        "the tensors computed here match the manifest"
+    );
+    Ok(())
+}
+
 /// Loads the dense model and opens the expert backend the cluster options ask for.
 pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
     let syn = &args.synthetic;
+    let in_process = args.workers.is_empty() && args.local_workers == 0;
     let (model, ckpt) = open_checkpoint(dir, syn, &args.quant)
-        .and_then(|(cfg, ckpt)| Ok((Model::from_checkpoint(cfg, &ckpt)?, ckpt)))
+        .and_then(|(cfg, mut ckpt)| {
+            verify_own_tensors(dir, &cfg, &mut ckpt, args.manifest.as_deref(), in_process)?;
+            Ok((Model::from_checkpoint(cfg, &ckpt)?, ckpt))
+        })
         .with_context(|| format!("loading the model in {}", dir.display()))?;
-    if args.workers.is_empty() && args.local_workers == 0 {
+    if in_process {
         let experts = LocalExperts::load_all(&model.cfg, &ckpt)
             .with_context(|| format!("loading the experts in {}", dir.display()))?;
         return Ok(Loaded {
@@ -232,6 +310,10 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
             LocalWorkersConfig::new(exe, dir.to_path_buf(), transport, args.local_workers);
         cfg.extra_args = syn.worker_args();
         cfg.extra_args.extend(args.quant.worker_args());
+        if let Some(m) = &args.manifest {
+            cfg.extra_args
+                .extend(["--manifest".to_string(), m.display().to_string()]);
+        }
         match &args.cluster_key_file {
             Some(p) => cfg.cluster_key_file = Some(p.clone()),
             None => cluster_key = Some(cfg.with_generated_key()?),

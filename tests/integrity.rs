@@ -186,3 +186,51 @@ fn a_worker_refuses_to_serve_a_tampered_tensor_naming_it() {
         );
     }
 }
+
+/// The coordinator checks what it computes with itself: the dense tensors always, every expert
+/// when they run in-process. A flipped byte in either stops the load with the tensor's name; a
+/// good copy runs and gives the same logits as the fixture.
+#[test]
+fn the_coordinator_refuses_a_tampered_dense_or_local_tensor() {
+    let (ok, want, err) = logits(&fixture(NAME), &[]);
+    assert!(ok, "{err}");
+    let good = copy_fixture(NAME);
+    manifest(good.path());
+    let (ok, got, err) = logits(good.path(), &[]);
+    assert!(ok, "a good copy with a manifest failed: {err}");
+    assert!(got == want);
+
+    const DENSE: &str = "model.layers.1.self_attn.o_proj.weight";
+    for (tensor, extra) in [
+        (DENSE, &[][..]),
+        (DENSE, &["--local-workers", "1"][..]),
+        (TENSOR, &[][..]),
+    ] {
+        let bad = copy_fixture(NAME);
+        manifest(bad.path());
+        flip_byte(bad.path(), tensor);
+        let (ok, _, err) = logits(bad.path(), extra);
+        assert!(!ok, "{tensor} {extra:?}: a tampered tensor was used");
+        assert!(
+            err.contains(tensor) && err.contains("does not match"),
+            "{tensor} {extra:?}: {err}"
+        );
+    }
+
+    // An explicit manifest of another model is refused by its fingerprint.
+    let other = copy_fixture("mixtral_tiny");
+    manifest(other.path());
+    let (ok, _, err) = logits(
+        good.path(),
+        &[
+            "--manifest",
+            other
+                .path()
+                .join("moeshard.manifest.json")
+                .to_str()
+                .unwrap(),
+        ],
+    );
+    assert!(!ok);
+    assert!(err.contains("is for model"), "{err}");
+}
