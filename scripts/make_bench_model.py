@@ -4,8 +4,11 @@
     python3 scripts/make_bench_model.py bench-models/qwen3_moe_bench
 
 Shape: hidden 1024, 12 layers, 16 query and 4 KV heads of head_dim 128, 64 experts (top-8),
-moe_intermediate_size 512, vocab 32768, bf16 (about 2.7 GB). The tokenizer is the tiny fixture's
-(480 tokens); that is enough to drive the server. Weights are N(0, std) with norms 1, so routing
+moe_intermediate_size 512, vocab 32768, bf16 (about 2.7 GB). The tokenizer is a real one of the
+model's vocabulary: a byte-level BPE (the GPT-2 pre-tokenizer, NFC, Qwen's three special tokens
+and the tiny fixture's chat template) trained here, deterministically, on the text this machine
+has (Python's standard library sources and the Debian license texts), so prompts tokenize into
+realistic pieces and llama.cpp's converter records it (`tokenizer.ggml.pre = gpt-2`). Weights are N(0, std) with norms 1, so routing
 spreads tokens over the experts as a trained model's would, roughly. Never commit the output
 (`bench-models/` is ignored).
 """
@@ -88,6 +91,56 @@ def tensors(a):
     return out
 
 
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CORPUS_BYTES = 48 << 20
+
+
+def corpus_files():
+    """Text files to train on, in a fixed order, up to CORPUS_BYTES."""
+    roots = [os.path.dirname(os.__file__), "/usr/share/common-licenses"]
+    files, total = [], 0
+    for root in roots:
+        for dirpath, dirnames, names in os.walk(root):
+            dirnames.sort()
+            for n in sorted(names):
+                p = os.path.join(dirpath, n)
+                if not (n.endswith(".py") or root.endswith("licenses")) or not os.path.isfile(p):
+                    continue
+                files.append(p)
+                total += os.path.getsize(p)
+                if total >= CORPUS_BYTES:
+                    return files
+    return files
+
+
+def train_tokenizer(vocab, out):
+    """A byte-level BPE tokenizer of exactly `vocab` tokens (ids 0-2 the special tokens)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def lines():
+        for p in corpus_files():
+            with open(p, encoding="utf-8", errors="ignore") as f:
+                yield f.read()
+
+    tok.train_from_iterator(lines(), trainer=trainer)
+    if tok.get_vocab_size() != vocab:
+        sys.exit(f"the corpus gave only {tok.get_vocab_size()} tokens, not {vocab}")
+    tok.save(out)
+    print(f"wrote {out} ({vocab} tokens)")
+
+
 def to_bf16(x):
     """float32 -> bfloat16 bits (round to nearest even), as little-endian uint16."""
     u = x.astype(np.float32).view(np.uint32)
@@ -136,8 +189,8 @@ def main():
                 print(f"  {i}/{len(specs)} tensors", file=sys.stderr)
     with open(os.path.join(a.out, "config.json"), "w") as f:
         json.dump(config(a), f, indent=2)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(FIXTURE, name), os.path.join(a.out, name))
+    train_tokenizer(a.vocab, os.path.join(a.out, "tokenizer.json"))
+    shutil.copy(os.path.join(FIXTURE, "tokenizer_config.json"), os.path.join(a.out, "tokenizer_config.json"))
     size = os.path.getsize(path)
     print(f"wrote {path} ({size / 1e9:.2f} GB, {len(specs)} tensors)")
 
