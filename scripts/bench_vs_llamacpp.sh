@@ -7,6 +7,8 @@
 # usage: scripts/bench_vs_llamacpp.sh [NAME] [-- make_bench_model.py shape flags]
 #   NAME   model directory under bench-models/ (default qwen3_moe_bench: the shape)
 #   env    TYPES="F16 Q8_0 Q4_K_M"  THREADS=2  REPEAT=3  LLAMA=/tmp/llamacpp-peer  SHARED=../shared
+#          MOESHARD=target/release/moeshard  MODELS=bench-models (where models and GGUF files are
+#          found or made; point it at another checkout's bench-models/ to reuse them)
 # Examples (other shapes):
 #   scripts/bench_vs_llamacpp.sh wide_narrow -- --hidden 2048 --experts 128 --moe-intermediate 256 --layers 6
 #   scripts/bench_vs_llamacpp.sh few_wide -- --hidden 1024 --experts 8 --top-k 2 --moe-intermediate 2048 --layers 8
@@ -24,7 +26,8 @@ TYPES=${TYPES:-"Q8_0 Q4_K_M"}
 NAME=${1:-qwen3_moe_bench}
 shift || true
 [ "${1:-}" = "--" ] && shift
-MODEL=$ROOT/bench-models/$NAME
+MODELS=${MODELS:-$ROOT/bench-models}
+MODEL=$MODELS/$NAME
 BIN=$LLAMA/llama.cpp/build/bin
 MOESHARD=${MOESHARD:-$ROOT/target/release/moeshard}
 

@@ -28,7 +28,15 @@
 //!   `fma(-(dmin_b * dx_b), M)`; lanes fold `(l0 + l2) + (l1 + l3)`.
 //!
 //! So results are bit-identical across paths, thread counts and batch sizes, like the float
-//! kernels.
+//! kernels. How the x86 paths map this order onto registers: AVX2 keeps lanes 0-7 and 8-15 of
+//! the 32-element order in two 256-bit accumulators (even and odd blocks); the AVX-512 tiles keep
+//! all 16 in one register, a block pair per step, and for the K types build `S` and `M` per
+//! (row, token) in 512-bit integer registers, reduce them exactly, and run the two fused
+//! multiply-adds for four (row, token) pairs at once, lane `b % 4` kept apart.
+//!
+//! The activation quantizer ([`QActs::new`]) has a SIMD form on AVX-512 that gives the same
+//! bytes and scales as the scalar code ([`round_to_i8`] of `v * 127 / amax`, NaN-ignoring
+//! `amax`).
 
 use half::f16;
 
