@@ -132,6 +132,9 @@ unsafe fn tile32<const Q4: bool, const VNNI: bool, const N: usize>(
             ($b:expr, $parity:expr) => {{
                 let b: usize = $b;
                 let blk = row.as_ptr().add(b * bb);
+                // The same place in the next row (the driver's next call), as the 512-bit
+                // tiles do: decode streams rows from DRAM.
+                _mm_prefetch::<_MM_HINT_T0>(blk.wrapping_add(row.len()).cast());
                 let w = if Q4 {
                     let raw = _mm_loadu_si128(blk.add(2).cast());
                     let lo = _mm_and_si128(raw, m4);
@@ -237,6 +240,10 @@ unsafe fn tile_k45<const Q5: bool, const N: usize>(
         ];
         for b in 0..nb {
             let blk = row.as_ptr().add(b * bb);
+            let pf = blk.wrapping_add(row.len());
+            _mm_prefetch::<_MM_HINT_T0>(pf.cast());
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(64).cast());
+            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(128).cast());
             let (sc, mn) = k4_scales_mins(blk.add(4));
             // Scales as 16-bit values, the same 8 in both halves.
             let sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
@@ -303,6 +310,10 @@ unsafe fn tile_q6k<const N: usize>(row: &[u8], acts: &QActs, t0: usize, out: &mu
         let xd = acts.d.as_ptr().add(t0 * nb);
         for b in 0..nb {
             let blk = row.as_ptr().add(b * 210);
+            let pf = blk.wrapping_add(row.len());
+            for o in [0, 64, 128, 192] {
+                _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(o).cast());
+            }
             let sc8 = _mm_loadu_si128(blk.add(192).cast());
             let sc16 = _mm256_cvtepi8_epi16(sc8);
             let mut sums = [_mm256_setzero_si256(); N];
