@@ -32,6 +32,31 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run at --memory-budget 100%, 50% and 25% of the routed experts' bytes (of each local
+    /// worker's share with --local-workers) and report each (JSON: one object per line).
+    #[arg(long, conflicts_with = "memory_budget")]
+    pub memory_budget_sweep: bool,
+}
+
+/// Paged-expert counters over the decode measurement (`--memory-budget`).
+#[derive(Serialize, Debug, Clone, Default)]
+pub(crate) struct PagedReport {
+    /// The budget (per host).
+    pub memory_budget_bytes: u64,
+    /// Bytes of all routed experts' buffers (what every host would hold unconstrained).
+    pub expert_bytes: u64,
+    /// Share of expert uses found resident.
+    pub hit_rate: f64,
+    /// Bytes read from disk per decoded token.
+    pub disk_bytes_per_token: f64,
+    /// Milliseconds per decoded token spent waiting for reads.
+    pub stall_ms_per_token: f64,
+    /// Expert buffer bytes held at the end (all hosts).
+    pub resident_bytes: u64,
+    /// Whether every read bypassed the page cache.
+    pub direct_io: bool,
+    /// Disk bytes per token x decode tokens/s (what the decode asked of the disk), MB/s.
+    pub disk_mb_s: f64,
 }
 
 /// What `bench --json` prints.
@@ -48,7 +73,13 @@ pub(crate) struct BenchReport {
     pub dispatch_samples: usize,
     pub moe_layers: usize,
     pub decode_ms_per_token: f64,
+    /// Set with --memory-budget.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub paged: Option<PagedReport>,
 }
+
+/// Summed paged counters of every host (this process or the workers), if any pages.
+pub(crate) type PagedProbe<'a> = &'a dyn Fn() -> Option<moeshard_engine::paged::PagedStats>;
 
 /// Times every dispatch-to-wait round trip of the wrapped backend.
 struct Timed<'b> {
@@ -108,6 +139,7 @@ pub(crate) fn measure(
     model: &Model,
     backend: &dyn ExpertBackend,
     a: &BenchArgs,
+    paged: PagedProbe,
 ) -> Result<BenchReport> {
     let vocab = model.cfg.vocab_size;
     let mut rng = Rng::new(1234);
@@ -129,6 +161,7 @@ pub(crate) fn measure(
     let mut best_decode = f64::INFINITY;
     let mut best_prefill = f64::INFINITY;
     let mut samples = Vec::new();
+    let mut paged_report = None;
     for _ in 0..a.repeat.max(1) {
         // Decode: a short prompt, then one token per step (the tokens themselves do not matter).
         let prompt = random_tokens(&mut rng, a.decode_prompt.max(1), vocab);
@@ -143,6 +176,7 @@ pub(crate) fn measure(
             s.clear();
         }
         let next = random_tokens(&mut rng, a.decode_tokens, vocab);
+        let before = paged();
         let t0 = Instant::now();
         for t in &next {
             let tok = [*t];
@@ -156,6 +190,25 @@ pub(crate) fn measure(
         let dt = t0.elapsed().as_secs_f64();
         if dt < best_decode {
             best_decode = dt;
+            if let (Some(b), Some(e)) = (before, paged()) {
+                let n = a.decode_tokens.max(1) as f64;
+                let (hits, misses) = (e.hits - b.hits, e.misses - b.misses);
+                let per_token = (e.disk_bytes - b.disk_bytes) as f64 / n;
+                paged_report = Some(PagedReport {
+                    memory_budget_bytes: e.budget_bytes,
+                    expert_bytes: e.hosted_bytes,
+                    hit_rate: if hits + misses == 0 {
+                        0.0
+                    } else {
+                        hits as f64 / (hits + misses) as f64
+                    },
+                    disk_bytes_per_token: per_token,
+                    stall_ms_per_token: (e.stall_us - b.stall_us) as f64 / 1e3 / n,
+                    resident_bytes: e.resident_bytes,
+                    direct_io: e.direct_io,
+                    disk_mb_s: per_token * n / dt / 1e6,
+                });
+            }
             samples = timed.samples.lock().map(|s| s.clone()).unwrap_or_default();
         }
         // Prefill.
@@ -192,6 +245,7 @@ pub(crate) fn measure(
         dispatch_samples: samples.len(),
         moe_layers: model.cfg.moe_layers().count(),
         decode_ms_per_token: best_decode * 1e3 / a.decode_tokens as f64,
+        paged: paged_report,
     })
 }
 
@@ -212,6 +266,88 @@ pub(crate) fn print(r: &BenchReport, json: bool) -> Result<()> {
             "MoE round trip   p50 {:.0} us, p99 {:.0} us ({} samples over {} MoE layers)",
             r.dispatch_p50_us, r.dispatch_p99_us, r.dispatch_samples, r.moe_layers
         );
+        if let Some(p) = &r.paged {
+            println!(
+                "memory budget    {} of {} expert bytes ({:.0}%), direct I/O {}",
+                p.memory_budget_bytes,
+                p.expert_bytes,
+                100.0 * p.memory_budget_bytes as f64 / p.expert_bytes.max(1) as f64,
+                if p.direct_io { "yes" } else { "no" }
+            );
+            println!(
+                "paged decode     hit rate {:.1}%, {:.2} MB read per token ({:.0} MB/s), \
+                 {:.2} ms/token waiting for reads",
+                100.0 * p.hit_rate,
+                p.disk_bytes_per_token / 1e6,
+                p.disk_mb_s,
+                p.stall_ms_per_token
+            );
+        }
     }
     Ok(())
+}
+
+/// `moeshard bench`: one run, or with --memory-budget-sweep one per budget.
+pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
+    if !a.memory_budget_sweep {
+        let loaded = crate::cli::load(&a.model.model, &a.cluster)?;
+        let probe = || probe(&loaded);
+        let report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        return print(&report, a.json);
+    }
+    let (cfg, ckpt) =
+        crate::cluster::open_checkpoint(&a.model.model, &a.cluster.synthetic, &a.cluster.quant)?;
+    let all: Vec<_> = cfg
+        .moe_layers()
+        .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
+        .collect();
+    let total = moeshard_engine::paged::paged_bytes(&cfg, &ckpt, all)?;
+    drop(ckpt);
+    let share = total / a.cluster.local_workers.max(1) as u64;
+    for pct in [100u64, 50, 25] {
+        let mut cluster = a.cluster.clone();
+        // A share rounded down could miss one expert's alignment slack: 100% is the whole share.
+        cluster.paged.memory_budget = Some(if pct == 100 {
+            share + (64 << 20)
+        } else {
+            share / 100 * pct
+        });
+        let loaded = crate::cli::load(&a.model.model, &cluster)?;
+        let probe = || probe(&loaded);
+        let report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        if !a.json {
+            println!("--- memory budget {pct}% of the expert bytes");
+        }
+        print(&report, a.json)?;
+    }
+    Ok(())
+}
+
+/// The paged counters of this process, or summed over its workers.
+fn probe(loaded: &crate::cluster::Loaded) -> Option<moeshard_engine::paged::PagedStats> {
+    if let Some(p) = &loaded.paged {
+        return Some(p.stats());
+    }
+    let c = loaded.cluster.as_ref()?;
+    let mut sum = moeshard_engine::paged::PagedStats {
+        direct_io: true,
+        ..Default::default()
+    };
+    let mut any = false;
+    for (_, s) in c.monitor.worker_stats(Duration::from_secs(5)) {
+        let Ok(s) = s else { continue };
+        if s.paged_budget_bytes == 0 {
+            continue;
+        }
+        any = true;
+        sum.budget_bytes = sum.budget_bytes.max(s.paged_budget_bytes);
+        sum.resident_bytes += s.paged_resident_bytes;
+        sum.hits += s.paged_hits;
+        sum.misses += s.paged_misses;
+        sum.disk_bytes += s.paged_disk_bytes;
+        sum.stall_us += s.paged_stall_us;
+        sum.hosted_bytes += s.hosted_bytes;
+        sum.direct_io &= s.paged_direct_io;
+    }
+    any.then_some(sum)
 }

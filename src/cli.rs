@@ -103,6 +103,85 @@ pub(crate) struct ClusterArgs {
     pub synthetic: SyntheticArgs,
     #[command(flatten)]
     pub quant: QuantArgs,
+    #[command(flatten)]
+    pub paged: PagedArgs,
+}
+
+/// Paging the routed experts from the checkpoint file within a memory budget.
+#[derive(Args, Clone, Debug, Default)]
+pub(crate) struct PagedArgs {
+    /// Keep at most this many bytes of routed-expert weights resident (suffixes K, M, G: powers
+    /// of 1024) and read the others from the checkpoint file, with direct I/O, when a batch needs
+    /// them. In this process's experts, or, with --local-workers, in each local worker.
+    #[arg(long, value_parser = parse_bytes)]
+    pub memory_budget: Option<u64>,
+    /// With --memory-budget: reader threads (reads in parallel).
+    #[arg(long, default_value_t = 4, requires = "memory_budget")]
+    pub page_readers: usize,
+    /// With --memory-budget: experts of the next MoE layer read ahead after each batch (0: none).
+    #[arg(long, default_value_t = 8, requires = "memory_budget")]
+    pub page_prefetch: usize,
+    /// With --memory-budget: read through the page cache instead of with direct I/O.
+    #[arg(long, requires = "memory_budget")]
+    pub no_direct_io: bool,
+}
+
+impl PagedArgs {
+    /// The engine's options, when a budget is given.
+    pub fn options(&self) -> Option<moeshard_engine::paged::PagedOptions> {
+        self.memory_budget
+            .map(|b| moeshard_engine::paged::PagedOptions {
+                budget: b,
+                readers: self.page_readers,
+                prefetch: self.page_prefetch,
+                direct: !self.no_direct_io,
+            })
+    }
+
+    /// The same arguments for a worker's command line.
+    pub fn worker_args(&self) -> Vec<String> {
+        let Some(b) = self.memory_budget else {
+            return Vec::new();
+        };
+        let mut v = vec![
+            "--memory-budget".to_string(),
+            b.to_string(),
+            "--page-readers".to_string(),
+            self.page_readers.to_string(),
+            "--page-prefetch".to_string(),
+            self.page_prefetch.to_string(),
+        ];
+        if self.no_direct_io {
+            v.push("--no-direct-io".into());
+        }
+        v
+    }
+}
+
+/// Bytes, with an optional K, M, G or T suffix (powers of 1024).
+pub(crate) fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: unknown suffix {c:?} (K, M, G or T)")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of bytes"))?;
+    if !n.is_finite() || n < 0.0 || n * mult as f64 > u64::MAX as f64 {
+        return Err(format!("{s:?} is not a number of bytes"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 /// Quantization applied while loading a float checkpoint.
@@ -288,11 +367,7 @@ pub fn run() -> Result<()> {
         Command::Doctor(a) => crate::doctor::cmd_doctor(a),
         Command::Manifest(a) => crate::manifest::cmd_manifest(a),
         Command::Verify(a) => crate::manifest::cmd_verify(a),
-        Command::Bench(a) => {
-            let loaded = load(&a.model.model, &a.cluster)?;
-            let report = crate::bench::measure(&loaded.model, loaded.experts.as_ref(), &a)?;
-            crate::bench::print(&report, a.json)
-        }
+        Command::Bench(a) => crate::bench::cmd_bench(a),
     }
 }
 

@@ -13,6 +13,7 @@ use moeshard_coordinator::{
     ClusterExperts, ClusterMembership, ClusterMonitor, ClusterOptions, DispatchStats, LocalWorkers,
     LocalWorkersConfig, WorkerInfo,
 };
+use moeshard_engine::paged::PagedExperts;
 use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{DType, ExpertBackend, LocalExperts, Model, ModelConfig};
 use moeshard_proto::auth::ClusterKey;
@@ -41,6 +42,8 @@ pub(crate) struct WorkerArgs {
     synthetic: crate::cli::SyntheticArgs,
     #[command(flatten)]
     quant: crate::cli::QuantArgs,
+    #[command(flatten)]
+    paged: crate::cli::PagedArgs,
     /// File holding the cluster secret: only peers that prove it are served (TLS 1.3 mutual
     /// authentication on both transports). Without it, any peer that reaches --listen can use the
     /// worker.
@@ -72,6 +75,10 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
         .with_context(|| format!("opening the checkpoint in {}", a.model.display()))?;
     let core = match &a.manifest {
         Some(m) => core.with_manifest(m)?,
+        None => core,
+    };
+    let core = match a.paged.options() {
+        Some(o) => core.with_memory_budget(o)?,
         None => core,
     };
     let key = a
@@ -131,6 +138,20 @@ pub(crate) fn cmd_worker(a: WorkerArgs) -> Result<()> {
     Ok(())
 }
 
+/// This process's paged experts, shared with whoever reports their counters.
+pub(crate) struct SharedPaged(pub Arc<PagedExperts>);
+
+impl ExpertBackend for SharedPaged {
+    fn dispatch<'a>(
+        &'a self,
+        layer: usize,
+        hidden: &'a [f32],
+        rows: &'a [moeshard_engine::ExpertRow],
+    ) -> moeshard_engine::Result<Box<dyn moeshard_engine::PendingExperts + 'a>> {
+        self.0.dispatch(layer, hidden, rows)
+    }
+}
+
 /// The cluster behind a loaded backend, for reports and benchmarks.
 pub(crate) struct ClusterInfo {
     /// Round trips of the expert dispatches (one per MoE layer step that went to workers).
@@ -172,6 +193,8 @@ pub(crate) struct Loaded {
     pub experts: Box<dyn ExpertBackend>,
     /// Set when the experts run on workers.
     pub cluster: Option<ClusterInfo>,
+    /// Set when this process pages its experts (`--memory-budget` without workers).
+    pub paged: Option<Arc<PagedExperts>>,
     _local_workers: Option<LocalWorkers>,
 }
 
@@ -281,14 +304,45 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         })
         .with_context(|| format!("loading the model in {}", dir.display()))?;
     if in_process {
+        if let Some(opts) = args.paged.options() {
+            let all: Vec<_> = model
+                .cfg
+                .moe_layers()
+                .flat_map(|l| (0..model.cfg.num_experts).map(move |e| (l, e)))
+                .collect();
+            let paged = Arc::new(
+                PagedExperts::new(&model.cfg, &ckpt, all, opts)
+                    .with_context(|| format!("paging the experts in {}", dir.display()))?,
+            );
+            return Ok(Loaded {
+                model,
+                experts: Box::new(SharedPaged(Arc::clone(&paged))),
+                cluster: None,
+                paged: Some(paged),
+                _local_workers: None,
+            });
+        }
         let experts = LocalExperts::load_all(&model.cfg, &ckpt)
             .with_context(|| format!("loading the experts in {}", dir.display()))?;
         return Ok(Loaded {
             model,
             experts: Box::new(experts),
             cluster: None,
+            paged: None,
             _local_workers: None,
         });
+    }
+    if args.paged.memory_budget.is_some() && args.local_workers == 0 {
+        bail!(
+            "--memory-budget pages the experts of this process or of its --local-workers; remote \
+             workers take their own (moeshard worker --memory-budget)"
+        );
+    }
+    if args.paged.memory_budget.is_some() && args.coordinator_capacity.is_some() {
+        bail!(
+            "--memory-budget with --local-workers applies to each local worker; the \
+             coordinator's own share (--coordinator-capacity) is not paged: drop one of them"
+        );
     }
     let transport = transport(&args.transport)?;
     let secs = |v: f64, flag: &str| {
@@ -314,6 +368,7 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
             cfg.extra_args
                 .extend(["--manifest".to_string(), m.display().to_string()]);
         }
+        cfg.extra_args.extend(args.paged.worker_args());
         match &args.cluster_key_file {
             Some(p) => cfg.cluster_key_file = Some(p.clone()),
             None => cluster_key = Some(cfg.with_generated_key()?),
@@ -360,6 +415,7 @@ pub(crate) fn load(dir: &Path, args: &ClusterArgs) -> Result<Loaded> {
         model,
         experts: Box::new(experts),
         cluster: Some(cluster),
+        paged: None,
         _local_workers: local_workers,
     })
 }

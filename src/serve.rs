@@ -216,6 +216,17 @@ impl ClusterView for Workers {
                             "hosted_experts": s.hosted_experts,
                             "hosted_bytes": s.hosted_bytes,
                             "resident_checkpoint_bytes": s.resident_checkpoint_bytes,
+                            "paged": (s.paged_budget_bytes > 0).then(|| serde_json::json!({
+                                "memory_budget_bytes": s.paged_budget_bytes,
+                                "resident_bytes": s.paged_resident_bytes,
+                                "hits": s.paged_hits,
+                                "misses": s.paged_misses,
+                                "hit_rate": s.paged_hits as f64
+                                    / (s.paged_hits + s.paged_misses).max(1) as f64,
+                                "disk_bytes": s.paged_disk_bytes,
+                                "stall_us": s.paged_stall_us,
+                                "direct_io": s.paged_direct_io,
+                            })),
                         })),
                         Some(Err(e)) => Some(serde_json::json!({ "error": e })),
                         None => None,
@@ -244,6 +255,38 @@ impl ClusterView for Workers {
             dispatch_p50_us: us(0.5),
             dispatch_p99_us: us(0.99),
         }
+    }
+}
+
+/// This process's experts, paged within a memory budget.
+struct PagedSingle {
+    experts: Vec<(usize, usize)>,
+    paged: Arc<moeshard_engine::paged::PagedExperts>,
+}
+
+impl ClusterView for PagedSingle {
+    fn snapshot(&self) -> ClusterSnapshot {
+        let mut snap = SingleProcess {
+            experts: self.experts.clone(),
+        }
+        .snapshot();
+        let p = self.paged.stats();
+        if let Some(h) = snap.hosts.first_mut() {
+            h.stats = Some(serde_json::json!({
+                "paged": {
+                    "memory_budget_bytes": p.budget_bytes,
+                    "resident_bytes": p.resident_bytes,
+                    "peak_resident_bytes": p.peak_resident_bytes,
+                    "hits": p.hits,
+                    "misses": p.misses,
+                    "hit_rate": p.hit_rate(),
+                    "disk_bytes": p.disk_bytes,
+                    "stall_us": p.stall_us,
+                    "direct_io": p.direct_io,
+                }
+            }));
+        }
+        snap
     }
 }
 
@@ -356,7 +399,13 @@ pub(crate) fn cmd_serve(mut a: ServeArgs) -> Result<()> {
                 .moe_layers()
                 .flat_map(|l| (0..cfg.num_experts).map(move |e| (l, e)))
                 .collect();
-            Arc::new(SingleProcess { experts })
+            match &loaded.paged {
+                Some(p) => Arc::new(PagedSingle {
+                    experts,
+                    paged: Arc::clone(p),
+                }),
+                None => Arc::new(SingleProcess { experts }),
+            }
         }
     };
     let served_model_name = a.served_model_name.clone().unwrap_or_else(|| {

@@ -281,6 +281,8 @@ struct Hello {
     client: Client,
     worker_id: String,
     capacity: u64,
+    /// Bytes it keeps resident when it pages its experts from disk (0: it does not).
+    memory_budget: u64,
 }
 
 /// Connects to a worker and says hello: the client and the worker's answer. A failure to connect,
@@ -355,6 +357,7 @@ async fn hello(addr: &str, fingerprint: &str, opts: &ClusterOptions) -> Result<H
         client,
         worker_id: hello.worker_id,
         capacity: hello.capacity_bytes,
+        memory_budget: hello.memory_budget_bytes,
     })
 }
 
@@ -566,6 +569,16 @@ impl ClusterExperts {
         }
         let moe_layers: Vec<usize> = cfg.moe_layers().collect();
         let expert_bytes = expert_bytes(cfg, ckpt)?;
+        // Workers that page from disk get shares that balance their expected reads.
+        let mut budgets: Vec<Option<u64>> = hellos
+            .iter()
+            .map(|h| (h.memory_budget > 0).then_some(h.memory_budget))
+            .collect();
+        budgets.resize(hosts.len(), None);
+        let need = (moe_layers.len() as u64)
+            .saturating_mul(cfg.num_experts as u64)
+            .saturating_mul(expert_bytes);
+        let hosts = crate::placement::paged_capacities(&hosts, &budgets, need);
         let placement = place(&hosts, &moe_layers, cfg.num_experts, expert_bytes)?;
         let holders = replicate(&placement, &capacities, expert_bytes, opts.replicas, &[]);
         let workers: Vec<Arc<Worker>> = opts

@@ -158,6 +158,58 @@ pub fn place(
 /// then its replicas.
 pub type Holders = BTreeMap<usize, Vec<Vec<usize>>>;
 
+/// The capacities to place by when some hosts page their experts from disk (`budgets[i]`: the
+/// bytes host `i` keeps resident, `None` when everything it hosts stays in memory), so that
+/// the expected disk reads balance, not only the bytes.
+///
+/// With routing spread over a host's experts, a host holding `n` bytes within a budget `B` reads
+/// about `max(0, n - B)` worth per unit of traffic. Hosts without a budget are filled first (up
+/// to their capacity: they never read), then every paged host up to its budget (free), and
+/// whatever is left is spread so that each paged host holds `B + t`, the same `t` for all (its
+/// capacity allowing): equal expected reads. The result feeds [`place`], which spreads experts
+/// in proportion to it. Without budgets it returns `hosts` unchanged.
+pub fn paged_capacities(
+    hosts: &[HostCapacity],
+    budgets: &[Option<u64>],
+    need: u64,
+) -> Vec<HostCapacity> {
+    if budgets.iter().all(Option::is_none) {
+        return hosts.to_vec();
+    }
+    let held = |t: u64| -> Vec<u64> {
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| match budgets.get(i).copied().flatten() {
+                Some(b) => h.capacity.min(b.saturating_add(t)),
+                None => h.capacity,
+            })
+            .collect()
+    };
+    let total = |t: u64| held(t).iter().map(|&c| u128::from(c)).sum::<u128>();
+    // The smallest t whose sum covers `need` (the largest capacity is always enough if any is).
+    let (mut lo, mut hi) = (0u64, hosts.iter().map(|h| h.capacity).max().unwrap_or(0));
+    if total(0) >= u128::from(need) {
+        hi = 0;
+    }
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if total(mid) >= u128::from(need) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    hosts
+        .iter()
+        .zip(held(hi))
+        .map(|(h, c)| HostCapacity {
+            name: h.name.clone(),
+            capacity: c,
+        })
+        .collect()
+}
+
 /// The holders of `primary` with up to `copies - 1` replicas of each expert on other hosts.
 ///
 /// Only hosts `0..capacities.len()` (the workers) take replicas, each within its capacity left
@@ -224,6 +276,36 @@ pub fn replicate(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Paged hosts: the expected reads (held beyond the budget) come out equal.
+    #[test]
+    fn paged_capacities_balance_reads() {
+        // Three hosts of 100 units of disk-backed capacity; budgets 10, 20 and 60; 120 to place.
+        let h = hosts(&[100, 100, 100]);
+        let got = paged_capacities(&h, &[Some(10), Some(20), Some(60)], 120);
+        let caps: Vec<u64> = got.iter().map(|c| c.capacity).collect();
+        // t = 10: 20 + 30 + 70 = 120; each reads 10.
+        assert_eq!(caps, vec![20, 30, 70]);
+        // Room within the budgets: nobody reads, placed by budget.
+        let got = paged_capacities(&h, &[Some(10), Some(20), Some(60)], 50);
+        assert_eq!(
+            got.iter().map(|c| c.capacity).collect::<Vec<_>>(),
+            vec![10, 20, 60]
+        );
+        // A host without a budget is filled first (it never reads); capacity caps a paged host.
+        let h2 = hosts(&[40, 50, 300]);
+        let got = paged_capacities(&h2, &[None, Some(10), Some(10)], 200);
+        // 40 + min(50, 10 + t) + min(300, 10 + t) = 200 -> t = 100: 40 + 50 + 110.
+        assert_eq!(
+            got.iter().map(|c| c.capacity).collect::<Vec<_>>(),
+            vec![40, 50, 110]
+        );
+        // No budgets: unchanged.
+        assert_eq!(paged_capacities(&h, &[None, None, None], 120), h);
+        // Placement by the paged capacities gives the budget-rich host more experts.
+        let p = place(&got, &[0, 1], 20, 5).unwrap();
+        assert_eq!(p.counts(), vec![8, 10, 22]);
+    }
 
     fn hosts(caps: &[u64]) -> Vec<HostCapacity> {
         caps.iter()

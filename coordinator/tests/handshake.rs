@@ -30,6 +30,7 @@ impl ExpertWorker for Fake {
             model_fingerprint: self.fingerprint.clone(),
             hidden_size: 64,
             num_experts: 5,
+            memory_budget_bytes: 0,
         }))
     }
     async fn assign(&self, _: Request<AssignRequest>) -> Result<Response<AssignResponse>, Status> {

@@ -80,6 +80,12 @@ pub enum EngineError {
         /// What happened.
         msg: String,
     },
+    /// Paged experts (`--memory-budget`) cannot run as asked.
+    #[error("--memory-budget: {msg}")]
+    MemoryBudget {
+        /// Why (the budget and what it needed, or the tensor that cannot be paged).
+        msg: String,
+    },
 }
 
 /// Result alias for the engine.

@@ -17,6 +17,7 @@ pub mod mla;
 pub mod model;
 pub mod mxfp4;
 pub mod npy;
+pub mod paged;
 pub mod quant;
 pub mod routing;
 pub mod safetensors;

@@ -448,6 +448,30 @@ impl Checkpoint {
         Some((f.path(), f.tensors().get(name)?))
     }
 
+    /// The file and byte range of tensor `name` when it is used exactly as stored: no
+    /// quantization on load, no decoding (FP8) and no GGUF fix-up, so reading that range gives
+    /// the very bytes [`Self::get`] would map. `None` otherwise (and for synthetic weights).
+    pub fn plain_range(&self, name: &str) -> Option<(&Path, &TensorInfo)> {
+        if self.synthetic.is_some() {
+            return None;
+        }
+        let (path, info) = self.info(name)?;
+        if !info.dtype.is_compute()
+            || self
+                .quantize
+                .and_then(|q| q.target(name, info.dtype, &info.shape))
+                .is_some()
+        {
+            return None;
+        }
+        if let Some(g) = &self.gguf
+            && !matches!(g.entries().get(name)?.fixup, crate::gguf_model::Fixup::None)
+        {
+            return None;
+        }
+        Some((path, info))
+    }
+
     /// A tensor by name, or an error naming it (quantized if [`Self::set_quantize`] asks).
     pub fn get(&self, name: &str) -> Result<Tensor> {
         let t = self.get_stored(name)?;

@@ -124,15 +124,21 @@ enum Bytes {
         start: usize,
         len: usize,
     },
-    /// Owned, 8-byte aligned storage (`len` bytes of `buf`).
-    Owned { buf: Arc<Vec<u64>>, len: usize },
+    /// Owned, 8-byte aligned storage (`len` bytes of `buf` from byte `start`).
+    Owned {
+        buf: Arc<Vec<u64>>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl Bytes {
     fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
-            Bytes::Owned { buf, len } => &bytemuck::cast_slice::<u64, u8>(buf)[..*len],
+            Bytes::Owned { buf, start, len } => {
+                &bytemuck::cast_slice::<u64, u8>(buf)[*start..*start + *len]
+            }
         }
     }
 }
@@ -272,6 +278,48 @@ impl Tensor {
         Ok(Self::owned(name, dtype, shape, bytes))
     }
 
+    /// A tensor over `len` bytes of an owned buffer from byte `start` (e.g. a direct read of a
+    /// file range into an aligned buffer), without copying them; checked like [`Self::mapped`]
+    /// (a start misaligned for the dtype is copied once into aligned memory).
+    pub fn from_owned_words(
+        name: &str,
+        dtype: DType,
+        shape: Vec<usize>,
+        buf: Arc<Vec<u64>>,
+        start: usize,
+        len: usize,
+    ) -> Result<Self> {
+        if !dtype.is_compute() || dtype.bytes_for(&shape) != Some(len) {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!(
+                    "{len} bytes do not hold shape {shape:?} of {}",
+                    dtype.name()
+                ),
+            });
+        }
+        if start.checked_add(len).is_none_or(|end| end > buf.len() * 8) {
+            return Err(EngineError::BadTensor {
+                name: name.into(),
+                msg: format!(
+                    "bytes {start}..{} lie outside the {}-byte buffer",
+                    start.saturating_add(len),
+                    buf.len() * 8
+                ),
+            });
+        }
+        let t = Tensor {
+            name: name.into(),
+            dtype,
+            shape,
+            bytes: Bytes::Owned { buf, start, len },
+        };
+        if !(t.bytes.as_slice().as_ptr() as usize).is_multiple_of(dtype.align()) {
+            return Ok(t.to_owned_copy());
+        }
+        Ok(t)
+    }
+
     fn owned(name: &str, dtype: DType, shape: Vec<usize>, bytes: &[u8]) -> Self {
         let mut buf = vec![0u64; bytes.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut buf)[..bytes.len()].copy_from_slice(bytes);
@@ -281,6 +329,7 @@ impl Tensor {
             shape,
             bytes: Bytes::Owned {
                 buf: Arc::new(buf),
+                start: 0,
                 len: bytes.len(),
             },
         }

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use moeshard_engine::config::MlpKind;
 use moeshard_engine::fingerprint::model_fingerprint;
+use moeshard_engine::paged::{PagedExperts, PagedOptions, PagedStats};
 use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{ExpertRow, LocalExperts, ModelConfig};
 use moeshard_proto::tensor::{f32_from_le_bytes, f32_to_le_bytes};
@@ -32,9 +33,32 @@ struct Counters {
     bytes_out: AtomicU64,
 }
 
+/// The experts a worker hosts: mapped, or paged within a memory budget.
+#[derive(Clone)]
+enum Host {
+    Mapped(Arc<LocalExperts>),
+    Paged(Arc<PagedExperts>),
+}
+
+impl Host {
+    fn held(&self) -> Vec<(usize, usize)> {
+        match self {
+            Host::Mapped(m) => m.held().collect(),
+            Host::Paged(p) => p.held().collect(),
+        }
+    }
+
+    fn holds(&self, layer: usize, expert: usize) -> bool {
+        match self {
+            Host::Mapped(m) => m.get(layer, expert).is_some(),
+            Host::Paged(p) => p.holds(layer, expert),
+        }
+    }
+}
+
 /// What a worker hosts right now.
 struct Hosted {
-    experts: Arc<LocalExperts>,
+    experts: Host,
     bytes: u64,
 }
 
@@ -57,6 +81,8 @@ pub struct WorkerCore {
     /// Tensors already checked against the manifest.
     verified: Mutex<BTreeSet<String>>,
     counters: Counters,
+    /// Page the hosted experts from the file within this budget (`--memory-budget`).
+    paged: Option<PagedOptions>,
 }
 
 impl WorkerCore {
@@ -141,9 +167,13 @@ impl WorkerCore {
             stored_fingerprint,
             verified: Mutex::new(BTreeSet::new()),
             hosted: RwLock::new(Hosted {
-                experts: Arc::new(LocalExperts::new(cfg.hidden_size, Default::default())),
+                experts: Host::Mapped(Arc::new(LocalExperts::new(
+                    cfg.hidden_size,
+                    Default::default(),
+                ))),
                 bytes: 0,
             }),
+            paged: None,
             cfg,
             ckpt,
             fingerprint,
@@ -173,6 +203,41 @@ impl WorkerCore {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         Ok(self)
+    }
+
+    /// Keeps at most `opts.budget` bytes of expert weights resident and reads the rest from the
+    /// checkpoint file as batches need them. Refused (with the reason) when the checkpoint's
+    /// experts cannot be paged (quantized on load, synthetic, decoded or fused on load) or the
+    /// budget cannot hold its largest expert.
+    pub fn with_memory_budget(mut self, opts: PagedOptions) -> Result<Self> {
+        let all: Vec<(usize, usize)> = all_experts(&self.cfg).collect();
+        let least = moeshard_engine::paged::min_budget(&self.cfg, &self.ckpt, all)?;
+        if opts.budget < least {
+            return Err(WorkerError::Engine(
+                moeshard_engine::EngineError::MemoryBudget {
+                    msg: format!(
+                        "{} bytes cannot hold one expert: the largest takes {least} bytes \
+                         (with its {}-byte read alignment); give at least that",
+                        opts.budget,
+                        moeshard_engine::paged::IO_ALIGN
+                    ),
+                },
+            ));
+        }
+        info!(
+            budget = opts.budget,
+            "experts are paged from the checkpoint file"
+        );
+        self.paged = Some(opts);
+        Ok(self)
+    }
+
+    /// Counters of the paged experts, when the worker pages them.
+    pub fn paged_stats(&self) -> Option<PagedStats> {
+        match self.hosted_experts().experts {
+            Host::Paged(p) => Some(p.stats()),
+            Host::Mapped(_) => None,
+        }
     }
 
     /// Whether served tensors are checked against a manifest.
@@ -257,6 +322,7 @@ impl WorkerCore {
             model_fingerprint: self.fingerprint.clone(),
             hidden_size: self.cfg.hidden_size as u32,
             num_experts: self.cfg.num_experts as u32,
+            memory_budget_bytes: self.paged.map(|p| p.budget).unwrap_or(0),
         }
     }
 
@@ -282,7 +348,7 @@ impl WorkerCore {
         }
         let _guard = self.assigning.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.hosted_experts();
-        let mut want: BTreeSet<(usize, usize)> = current.experts.held().collect();
+        let mut want: BTreeSet<(usize, usize)> = current.experts.held().into_iter().collect();
         for id in &req.experts {
             let (l, e) = (id.layer as usize, id.expert as usize);
             if !self.is_expert(l, e) {
@@ -304,13 +370,27 @@ impl WorkerCore {
         }
         // Every tensor is checked against the manifest before it can be served.
         self.verify_experts(&want)?;
-        // Maps views over the assigned tensors only; no weight byte is read here.
-        let experts = LocalExperts::load(&self.cfg, &self.ckpt, want.iter().copied())?;
+        // Maps views over the assigned tensors only (or, paged, notes where they lie in the
+        // file); no weight byte is read here.
+        let experts = match self.paged {
+            None => Host::Mapped(Arc::new(LocalExperts::load(
+                &self.cfg,
+                &self.ckpt,
+                want.iter().copied(),
+            )?)),
+            // The previous host's cache goes when its last batch is done.
+            Some(opts) => Host::Paged(Arc::new(PagedExperts::new(
+                &self.cfg,
+                &self.ckpt,
+                want.iter().copied(),
+                opts,
+            )?)),
+        };
         let n = want.len();
         {
             let mut h = self.hosted.write().unwrap_or_else(|p| p.into_inner());
             *h = Hosted {
-                experts: Arc::new(experts),
+                experts,
                 bytes: need,
             };
         }
@@ -329,14 +409,14 @@ impl WorkerCore {
     fn hosted_experts(&self) -> Hosted {
         let h = self.hosted.read().unwrap_or_else(|p| p.into_inner());
         Hosted {
-            experts: Arc::clone(&h.experts),
+            experts: h.experts.clone(),
             bytes: h.bytes,
         }
     }
 
     /// Whether the worker hosts anything yet.
     pub fn health(&self) -> HealthResponse {
-        let n = self.hosted_experts().experts.held().count();
+        let n = self.hosted_experts().experts.held().len();
         HealthResponse {
             ready: n > 0,
             hosted_experts: n as u32,
@@ -347,6 +427,10 @@ impl WorkerCore {
     pub fn stats(&self) -> StatsResponse {
         let c = &self.counters;
         let h = self.hosted_experts();
+        let p = match &h.experts {
+            Host::Paged(p) => p.stats(),
+            Host::Mapped(_) => PagedStats::default(),
+        };
         StatsResponse {
             batches: c.batches.load(Ordering::Relaxed),
             rows: c.rows.load(Ordering::Relaxed),
@@ -354,9 +438,16 @@ impl WorkerCore {
             compute_us: c.compute_us.load(Ordering::Relaxed),
             bytes_in: c.bytes_in.load(Ordering::Relaxed),
             bytes_out: c.bytes_out.load(Ordering::Relaxed),
-            hosted_experts: h.experts.held().count() as u32,
+            hosted_experts: h.experts.held().len() as u32,
             hosted_bytes: h.bytes,
             resident_checkpoint_bytes: self.resident_checkpoint_bytes().unwrap_or(0),
+            paged_budget_bytes: p.budget_bytes,
+            paged_resident_bytes: p.resident_bytes,
+            paged_hits: p.hits,
+            paged_misses: p.misses,
+            paged_disk_bytes: p.disk_bytes,
+            paged_stall_us: p.stall_us,
+            paged_direct_io: p.direct_io,
         }
     }
 
@@ -370,7 +461,7 @@ impl WorkerCore {
     fn decode_batch(
         &self,
         req: &ExpertBatchRequest,
-        hosted: &LocalExperts,
+        hosted: &Host,
     ) -> Result<(Vec<f32>, Vec<ExpertRow>)> {
         let layer = req.layer as usize;
         let bad = |msg: String| WorkerError::BadBatch { layer, msg };
@@ -421,7 +512,7 @@ impl WorkerCore {
             if token as usize >= n_tokens {
                 return Err(bad(format!("a row names token {token} of {n_tokens}")));
             }
-            if hosted.get(layer, expert as usize).is_none() {
+            if !hosted.holds(layer, expert as usize) {
                 return Err(WorkerError::NotHosted {
                     layer,
                     expert: expert as usize,
@@ -443,14 +534,28 @@ impl WorkerCore {
         let (hidden, rows) = self.decode_batch(&req, &hosted)?;
         let (n_rows, n_tokens, bytes_in) = (rows.len(), req.n_tokens, req.activations.len());
         drop(req);
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        rayon::spawn(move || {
-            let started = Instant::now();
-            let out = hosted.compute(layer, &hidden, &rows);
-            // The receiver is gone only when the request was abandoned; nothing to do then.
-            let _ = tx.send((out, started.elapsed()));
-        });
-        let (out, took) = rx.await.map_err(|_| WorkerError::JobLost { layer })?;
+        let (out, took) = match hosted {
+            Host::Mapped(hosted) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                rayon::spawn(move || {
+                    let started = Instant::now();
+                    let out = hosted.compute(layer, &hidden, &rows);
+                    // The receiver is gone only when the request was abandoned; nothing to do
+                    // then.
+                    let _ = tx.send((out, started.elapsed()));
+                });
+                rx.await.map_err(|_| WorkerError::JobLost { layer })?
+            }
+            // A paged batch waits for reads: on a blocking thread, not a rayon worker (its
+            // experts are still computed on the rayon pool).
+            Host::Paged(hosted) => tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let out = hosted.compute(layer, &hidden, &rows);
+                (out, started.elapsed())
+            })
+            .await
+            .map_err(|_| WorkerError::JobLost { layer })?,
+        };
         let out = out?;
         let outputs = Bytes::from(f32_to_le_bytes(&out));
         let compute_us = took.as_micros() as u64;

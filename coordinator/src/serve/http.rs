@@ -189,14 +189,90 @@ async fn health(State(app): AppState) -> Response {
 }
 
 async fn metrics(State(app): AppState) -> Response {
+    let mut text = app.metrics.render();
+    // Paged experts (--memory-budget) of every host that pages, from the cluster view.
+    let view = Arc::clone(&app.cluster);
+    if let Ok(snapshot) = tokio::task::spawn_blocking(move || view.snapshot()).await {
+        text.push_str(&paged_metrics(&snapshot.hosts));
+    }
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        app.metrics.render(),
+        text,
     )
         .into_response()
+}
+
+/// `moeshard_paged_*` gauges and counters of the hosts whose stats carry a `paged` object.
+fn paged_metrics(hosts: &[super::cluster_view::HostStatus]) -> String {
+    use std::fmt::Write;
+    const FIELDS: [(&str, &str, &str, &str); 7] = [
+        (
+            "memory_budget_bytes",
+            "moeshard_paged_memory_budget_bytes",
+            "gauge",
+            "Bytes of expert weights a host keeps resident at most (--memory-budget).",
+        ),
+        (
+            "resident_bytes",
+            "moeshard_paged_resident_bytes",
+            "gauge",
+            "Bytes of expert buffers a paging host holds now.",
+        ),
+        (
+            "hits",
+            "moeshard_paged_hits_total",
+            "counter",
+            "Expert uses found resident.",
+        ),
+        (
+            "misses",
+            "moeshard_paged_misses_total",
+            "counter",
+            "Expert uses that waited for a read from disk.",
+        ),
+        (
+            "hit_rate",
+            "moeshard_paged_hit_rate",
+            "gauge",
+            "Share of expert uses found resident since start.",
+        ),
+        (
+            "disk_bytes",
+            "moeshard_paged_disk_read_bytes_total",
+            "counter",
+            "Bytes of expert weights read from disk (divide by moeshard_generation_tokens_total for bytes per token).",
+        ),
+        (
+            "stall_us",
+            "moeshard_paged_stall_microseconds_total",
+            "counter",
+            "Microseconds batches waited for expert reads.",
+        ),
+    ];
+    let paged: Vec<(&str, &serde_json::Value)> = hosts
+        .iter()
+        .filter_map(|h| {
+            let p = h.stats.as_ref()?.get("paged")?;
+            (!p.is_null()).then_some((h.name.as_str(), p))
+        })
+        .collect();
+    let mut out = String::new();
+    if paged.is_empty() {
+        return out;
+    }
+    for (key, name, kind, help) in FIELDS {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (host, p) in &paged {
+            if let Some(v) = p.get(key).and_then(serde_json::Value::as_f64) {
+                let _ = writeln!(out, "{name}{{host=\"{host}\"}} {v}");
+            }
+        }
+    }
+    out
 }
 
 fn model_card(app: &App) -> ModelCard {
