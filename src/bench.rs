@@ -82,9 +82,27 @@ pub(crate) struct BenchReport {
 pub(crate) type PagedProbe<'a> = &'a dyn Fn() -> Option<moeshard_engine::paged::PagedStats>;
 
 /// Times every dispatch-to-wait round trip of the wrapped backend.
-struct Timed<'b> {
+pub(crate) struct Timed<'b> {
     inner: &'b dyn ExpertBackend,
     samples: Mutex<Vec<Duration>>,
+}
+
+impl<'b> Timed<'b> {
+    /// Wraps `inner`.
+    pub(crate) fn new(inner: &'b dyn ExpertBackend) -> Self {
+        Timed {
+            inner,
+            samples: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Seconds of the round trips since the last call, summed.
+    pub(crate) fn take_total_s(&self) -> f64 {
+        self.samples
+            .lock()
+            .map(|mut s| s.drain(..).map(|d| d.as_secs_f64()).sum())
+            .unwrap_or(0.0)
+    }
 }
 
 struct TimedPending<'a> {

@@ -37,6 +37,9 @@ enum Command {
     Plan(crate::plan::PlanArgs),
     /// Measure this node (memory bandwidth, kernel throughput, loopback round trip) for plans.
     Calibrate(crate::plan::CalibrateArgs),
+    /// Check the planner against measurements here: calibrate, plan and bench several cluster
+    /// shapes (local workers, network namespaces behind an emulated link), print the table.
+    Validate(crate::validate::ValidateArgs),
     /// Serve the model over an OpenAI-compatible HTTP API with continuous batching.
     Serve(crate::serve::ServeArgs),
     /// Requantize a GGUF file's float weights (q8_0, q4_0, q4_k, q5_k, q6_k) into a new GGUF
@@ -361,6 +364,7 @@ pub fn run() -> Result<()> {
         Command::Worker(a) => crate::cluster::cmd_worker(a),
         Command::Plan(a) => crate::plan::cmd_plan(a),
         Command::Calibrate(a) => crate::plan::cmd_calibrate(a),
+        Command::Validate(a) => crate::validate::cmd_validate(a),
         Command::Serve(a) => crate::serve::cmd_serve(a),
         Command::BenchServe(a) => crate::bench_serve::cmd_bench_serve(a),
         Command::Quantize(a) => crate::quantize::cmd_quantize(a),

@@ -10,6 +10,7 @@ mod manifest;
 mod plan;
 mod quantize;
 mod serve;
+mod validate;
 
 use std::process::ExitCode;
 

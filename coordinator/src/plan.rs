@@ -61,6 +61,20 @@ impl Quant {
         }
     }
 
+    /// The name `parse` reads and cluster files key their rates by.
+    pub fn name(self) -> &'static str {
+        match self {
+            Quant::F32 => "f32",
+            Quant::Bf16 => "bf16",
+            Quant::F16 => "f16",
+            Quant::Q8_0 => "q8_0",
+            Quant::Q4_K => "q4_k",
+            Quant::Q4_0 => "q4_0",
+            Quant::Mxfp4 => "mxfp4",
+            Quant::Fp8 => "fp8",
+        }
+    }
+
     /// Parses `q4_k`, `bf16`, ...
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s.to_ascii_lowercase().as_str() {
@@ -106,6 +120,9 @@ pub struct ModelShape {
     pub state_elems_per_seq: u64,
     /// Attention flops per token per position of context (2 * heads * head widths, summed).
     pub attn_flops_per_ctx: u64,
+    /// Weights read once per decoded token outside the decoder layers: the LM head (tied or not)
+    /// and the final norm. `dense_active_params - head_params` are the layers' own dense weights.
+    pub head_params: u64,
 }
 
 struct J<'a>(&'a Value);
@@ -196,6 +213,7 @@ impl ModelShape {
             window_kv: None,
             state_elems_per_seq: 0,
             attn_flops_per_ctx: 0,
+            head_params: vocab * h + h,
         };
         let mut dense = h; // final norm
         match model_type.as_str() {
@@ -390,6 +408,34 @@ impl ModelShape {
         self.dense_active_params + self.moe_layers.len() as u64 * self.top_k * self.expert_params
     }
 
+    /// The same model cut to its first `k` decoder layers, as `--synthetic --layers K` runs it.
+    /// The per-layer parts (dense weights, caches, attention flops) scale by `k / layers`, which
+    /// is exact for models whose layers are alike; the embedding and the LM head stay.
+    pub fn with_layers(&self, k: u64) -> Self {
+        let k = k.clamp(1, self.layers.max(1));
+        if k == self.layers {
+            return self.clone();
+        }
+        let scale = |v: u64| (v as u128 * k as u128 / self.layers.max(1) as u128) as u64;
+        let layer_dense = self.dense_active_params.saturating_sub(self.head_params);
+        let mut m = self.clone();
+        m.layers = k;
+        m.moe_layers.retain(|&l| (l as u64) < k);
+        m.dense_params = self.dense_params - layer_dense + scale(layer_dense);
+        m.dense_active_params = self.head_params + scale(layer_dense);
+        m.kv_elems_per_token = scale(self.kv_elems_per_token);
+        m.window_kv = self.window_kv.map(|(e, w)| (scale(e), w));
+        m.state_elems_per_seq = scale(self.state_elems_per_seq);
+        m.attn_flops_per_ctx = scale(self.attn_flops_per_ctx);
+        m
+    }
+
+    /// Dense weights of the decoder layers read per decoded token (attention, norms, routers,
+    /// shared experts, dense MLPs), without the LM head.
+    pub fn layer_dense_params(&self) -> u64 {
+        self.dense_active_params.saturating_sub(self.head_params)
+    }
+
     /// KV-cache and state bytes of one sequence at `context` tokens (f32 cache).
     pub fn cache_bytes(&self, context: u64) -> u64 {
         let window = self.window_kv.map(|(e, w)| e * context.min(w)).unwrap_or(0);
@@ -421,6 +467,40 @@ pub struct NodeSpec {
     /// This node runs the coordinator (exactly one does).
     #[serde(default)]
     pub coordinator: bool,
+    /// The machine this node runs on. Nodes naming the same host share its cores and memory
+    /// bandwidth: their expert work in one layer adds up instead of running in parallel (local
+    /// worker processes on one box). Default: the node's own name (a machine of its own).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Most routed-expert bytes this node hosts, GB (0: none, like a coordinator whose experts all
+    /// live on workers). Default: whatever its memory allows.
+    #[serde(default)]
+    pub expert_capacity_gb: Option<f64>,
+    /// Rates of the forward pass measured by `moeshard calibrate --model`, keyed by weight format
+    /// (`bf16`, `q8_0`, `q4_k`, ...). A format listed here is planned with these figures instead of
+    /// `mem_bw_gbs` and `gflops_per_core`.
+    #[serde(default)]
+    pub rates: std::collections::BTreeMap<String, Rates>,
+}
+
+/// What the forward pass achieves on a node for one weight format, measured by running it
+/// (`moeshard calibrate --model`): bytes or flops of a part divided by the time that part took.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rates {
+    /// Decode: the decoder layers' dense weights (attention projections, norms, router, shared
+    /// experts) over the time of everything a layer does besides its routed experts (attention
+    /// over the cache, rope, norms, top-k included), GB/s.
+    pub dense_gbs: f64,
+    /// Decode: the LM head's bytes over the time of final norm + LM head + embedding lookup, GB/s.
+    pub head_gbs: f64,
+    /// Decode: one token's routed experts (top-k distinct experts, cold in memory) over the time
+    /// the engine's expert code takes for them, GB/s.
+    pub expert_gbs: f64,
+    /// Prefill: dense flops (2 per weight per token plus attention) per second, GFLOP/s.
+    pub prefill_dense_gflops: f64,
+    /// Prefill: routed-expert flops (2 per weight per routed row) per second, GFLOP/s.
+    pub prefill_expert_gflops: f64,
 }
 
 fn default_gflops() -> f64 {
@@ -439,9 +519,15 @@ pub struct LinkSpec {
     pub bandwidth_gbps: f64,
     /// Round-trip time in microseconds.
     pub rtt_us: f64,
-    /// Software cost of one dispatch (encode, send, decode, wake), microseconds.
+    /// Software cost of one dispatch (encode, send, decode, wake), microseconds. `moeshard
+    /// calibrate` measures it as the loopback round trip of a one-row request to a real worker
+    /// minus that row's compute; `rtt_us` is then what the network adds to it.
     #[serde(default = "default_overhead")]
     pub overhead_us: f64,
+    /// Added cost of each further worker contacted in the same layer, microseconds (measured by
+    /// `moeshard calibrate` with two local workers; mostly the CPU of one more request).
+    #[serde(default)]
+    pub per_worker_us: f64,
 }
 
 fn default_overhead() -> f64 {
@@ -573,6 +659,140 @@ pub struct Plan {
 
 const GB: f64 = 1e9;
 
+/// Decode cost of routed experts on one node.
+#[derive(Clone, Copy, Debug)]
+struct ExpertCost {
+    /// Reading one expert's weights.
+    read_s: f64,
+    /// Arithmetic of one routed row (one token through one expert).
+    row_s: f64,
+}
+
+struct LayerInputs<'a> {
+    experts: usize,
+    top_k: usize,
+    tokens: usize,
+    hidden: f64,
+    /// Experts of one layer held per node.
+    per_layer: &'a [f64],
+    costs: &'a [ExpertCost],
+    /// Index of the first node on the same host.
+    host_of: &'a [usize],
+    coordinator: usize,
+    link: &'a LinkSpec,
+}
+
+/// Expected time of one MoE layer's routed experts in decode.
+struct LayerCost {
+    /// Expert compute on the busiest host (with the network of the slowest worker added in
+    /// `network_s`, not here).
+    compute_s: f64,
+    /// Round trip, transfer and dispatch overhead.
+    network_s: f64,
+    /// Seconds each node is busy per layer.
+    busy_s: Vec<f64>,
+}
+
+/// Draws of routing decisions the decode cost is averaged over (fixed, so plans are repeatable).
+const ROUTING_DRAWS: usize = 400;
+
+/// The expected cost of one MoE layer, averaged over random routings: each token picks `top_k`
+/// distinct experts uniformly, experts sit on the nodes in contiguous blocks of their per-layer
+/// counts. Per draw: a node reads each distinct expert it was sent once and computes each row;
+/// nodes on one host add up; a remote worker's time is its link (round trip + bytes over the
+/// bandwidth) plus its host's compute; the layer waits for the slowest, plus the dispatch
+/// overhead of one request and `per_worker_us` for each further worker contacted.
+fn expected_layer(l: &LayerInputs<'_>) -> LayerCost {
+    let n = l.costs.len();
+    let mut owner = Vec::with_capacity(l.experts);
+    let mut acc = 0f64;
+    for (i, &k) in l.per_layer.iter().enumerate() {
+        acc += k;
+        while (owner.len() as f64) < acc.round() && owner.len() < l.experts {
+            owner.push(i);
+        }
+    }
+    while owner.len() < l.experts {
+        owner.push(n.saturating_sub(1));
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // SplitMix64.
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let (mut compute, mut network) = (0f64, 0f64);
+    let mut busy = vec![0f64; n];
+    let top_k = l.top_k.min(l.experts).max(1);
+    for _ in 0..ROUTING_DRAWS {
+        let mut touched = vec![false; l.experts];
+        let mut rows = vec![0usize; n];
+        let mut distinct = vec![0usize; n];
+        let mut tokens_to = vec![0usize; n];
+        for _ in 0..l.tokens.max(1) {
+            let mut picked: Vec<usize> = Vec::with_capacity(top_k);
+            while picked.len() < top_k {
+                let e = (next() % l.experts as u64) as usize;
+                if !picked.contains(&e) {
+                    picked.push(e);
+                }
+            }
+            let mut sent = vec![false; n];
+            for e in picked {
+                let o = owner[e];
+                rows[o] += 1;
+                if !touched[e] {
+                    touched[e] = true;
+                    distinct[o] += 1;
+                }
+                sent[o] = true;
+            }
+            for (t, s) in tokens_to.iter_mut().zip(sent) {
+                *t += usize::from(s);
+            }
+        }
+        let mut host_s = vec![0f64; n];
+        for i in 0..n {
+            let c = &l.costs[i];
+            let t = (distinct[i] as f64 * c.read_s).max(rows[i] as f64 * c.row_s);
+            busy[i] += t;
+            host_s[l.host_of[i]] += t;
+        }
+        let mut slowest_remote = 0f64;
+        let mut contacted = 0usize;
+        for i in 0..n {
+            if i == l.coordinator || rows[i] == 0 {
+                continue;
+            }
+            contacted += 1;
+            let bytes =
+                tokens_to[i] as f64 * l.hidden * 4.0 + rows[i] as f64 * (12.0 + l.hidden * 4.0);
+            let wire = l.link.rtt_us * 1e-6 + bytes * 8.0 / (l.link.bandwidth_gbps * 1e9);
+            slowest_remote = slowest_remote.max(wire + host_s[l.host_of[i]]);
+        }
+        let local = host_s[l.host_of[l.coordinator]];
+        let net = if contacted > 0 {
+            (l.link.overhead_us + (contacted - 1) as f64 * l.link.per_worker_us) * 1e-6
+        } else {
+            0.0
+        };
+        // Split the layer into compute (the busiest host) and what the network adds to it.
+        let busiest = host_s.iter().copied().fold(0.0, f64::max);
+        let layer = local.max(slowest_remote) + net;
+        compute += busiest;
+        network += layer - busiest;
+    }
+    let d = ROUTING_DRAWS as f64;
+    LayerCost {
+        compute_s: compute / d,
+        network_s: network / d,
+        busy_s: busy.into_iter().map(|b| b / d).collect(),
+    }
+}
+
 /// Plans `model` on `cluster`.
 pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan {
     let ci = cluster.coordinator();
@@ -598,7 +818,10 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
             };
             HostCapacity {
                 name: n.name.clone(),
-                capacity: (usable[i] - other as f64).max(0.0) as u64,
+                capacity: match n.expert_capacity_gb {
+                    Some(cap) => (usable[i] - other as f64).clamp(0.0, cap.max(0.0) * GB) as u64,
+                    None => (usable[i] - other as f64).max(0.0) as u64,
+                },
             }
         })
         .collect();
@@ -620,26 +843,59 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         }
     };
     let n_moe = model.moe_layers.len().max(1) as f64;
+    let n_moe_layers = model.moe_layers.len() as f64;
     let c = req.concurrency.max(1) as f64;
-    // Distinct experts a layer touches in one step.
-    let distinct =
-        model.experts as f64 * (1.0 - (1.0 - model.top_k as f64 / model.experts as f64).powf(c));
+    let coord = &cluster.nodes[ci];
+    let link = &cluster.link;
+    // Per node: seconds per distinct expert read (memory) and per routed row (compute) in decode,
+    // and routed-expert GFLOP/s in prefill; from the node's measured rates for the expert format
+    // when it has them, else from its memory bandwidth and core throughput.
+    let expert_rates: Vec<Option<&Rates>> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.rates.get(req.expert_quant.name()))
+        .collect();
+    let costs: Vec<ExpertCost> = cluster
+        .nodes
+        .iter()
+        .zip(&expert_rates)
+        .map(|(n, r)| ExpertCost {
+            read_s: ebytes as f64 / (r.map_or(n.mem_bw_gbs, |r| r.expert_gbs) * GB),
+            row_s: 2.0 * model.expert_params as f64 / (n.gflops_per_core * n.cores as f64 * 1e9),
+        })
+        .collect();
+    let host_of: Vec<usize> = {
+        let names: Vec<&str> = cluster
+            .nodes
+            .iter()
+            .map(|n| n.host.as_deref().unwrap_or(&n.name))
+            .collect();
+        names
+            .iter()
+            .map(|h| names.iter().position(|x| x == h).unwrap_or(0))
+            .collect()
+    };
+    let per_layer: Vec<f64> = counts.iter().map(|&k| k as f64 / n_moe).collect();
+    let layer = expected_layer(&LayerInputs {
+        experts: model.experts as usize,
+        top_k: model.top_k as usize,
+        tokens: c as usize,
+        hidden: model.hidden as f64,
+        per_layer: &per_layer,
+        costs: &costs,
+        host_of: &host_of,
+        coordinator: ci,
+        link,
+    });
+    let any_remote = counts.iter().enumerate().any(|(i, &k)| i != ci && k > 0);
+    let remote_share = counts
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != ci)
+        .map(|(_, &k)| k as f64 / (n_moe * model.experts as f64))
+        .fold(0.0, f64::max);
     let mut nodes = Vec::new();
-    let mut worst_layer_s = 0f64;
-    let mut any_remote = false;
-    let mut remote_share = 0f64;
     for (i, n) in cluster.nodes.iter().enumerate() {
-        let share = counts[i] as f64 / (n_moe * model.experts as f64);
-        let bytes_per_layer = share * distinct * ebytes as f64;
-        let flops_per_layer = 2.0 * share * c * model.top_k as f64 * model.expert_params as f64;
-        let t_mem = bytes_per_layer / (n.mem_bw_gbs * GB);
-        let t_cmp = flops_per_layer / (n.gflops_per_core * n.cores as f64 * 1e9);
-        let t = t_mem.max(t_cmp);
-        worst_layer_s = worst_layer_s.max(t);
-        if i != ci && counts[i] > 0 {
-            any_remote = true;
-            remote_share = remote_share.max(share);
-        }
         let (dense_b, cache_b, act_b) = if i == ci {
             (dense_bytes, cache_bytes, act)
         } else {
@@ -655,51 +911,64 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
             cache_bytes: cache_b,
             activation_bytes: act_b,
             headroom_bytes: (n.memory_gb * GB) as i64 - (n.reserve_gb * GB) as i64 - used as i64,
-            decode_busy_s: t * n_moe,
+            decode_busy_s: layer.busy_s[i] * n_moe_layers,
         });
     }
-    // Network per MoE layer: one round trip (all workers in parallel), the activations of the
-    // tokens routed to the busiest worker both ways, and the dispatch overhead.
-    let link = &cluster.link;
-    let network_per_layer = if any_remote {
-        let tokens_to_worker = (c * (1.0 - (1.0 - remote_share).powf(model.top_k as f64))).max(1.0);
-        let bytes =
-            tokens_to_worker * model.hidden as f64 * 4.0 * 2.0 + c * model.top_k as f64 * 12.0;
-        (link.rtt_us + link.overhead_us) * 1e-6 + bytes * 8.0 / (link.bandwidth_gbps * 1e9)
-    } else {
-        0.0
+    // The dense part on the coordinator: the layers' dense weights, the LM head, the KV cache.
+    let dense_rates = coord.rates.get(req.dense_quant.name());
+    let dq = req.dense_quant.bytes_per_weight();
+    let layer_dense_bytes = model.layer_dense_params() as f64 * dq;
+    let head_bytes = model.head_params as f64 * dq;
+    let kv_bytes = (model.cache_bytes(req.context / 2) * req.concurrency) as f64;
+    let dense_memory_s = match dense_rates {
+        Some(r) => {
+            layer_dense_bytes / (r.dense_gbs * GB)
+                + head_bytes / (r.head_gbs * GB)
+                + kv_bytes / (coord.mem_bw_gbs * GB)
+        }
+        None => (layer_dense_bytes + head_bytes + kv_bytes) / (coord.mem_bw_gbs * GB),
     };
-    let coord = &cluster.nodes[ci];
-    let dense_read = model.dense_active_params as f64 * req.dense_quant.bytes_per_weight()
-        + (model.cache_bytes(req.context / 2) * req.concurrency) as f64;
-    let dense_memory_s = dense_read / (coord.mem_bw_gbs * GB);
-    let dense_compute_s = 2.0 * c * model.dense_active_params as f64
-        / (coord.gflops_per_core * coord.cores as f64 * 1e9);
-    let expert_s = worst_layer_s * model.moe_layers.len() as f64;
-    let network_s = network_per_layer * model.moe_layers.len() as f64;
+    let coord_gflops = coord.gflops_per_core * coord.cores as f64;
+    let dense_compute_s = 2.0 * c * model.dense_active_params as f64 / (coord_gflops * 1e9);
+    let expert_s = layer.compute_s * n_moe_layers;
+    let network_s = layer.network_s * n_moe_layers;
+    let network_per_layer = layer.network_s;
     let step_s = dense_memory_s.max(dense_compute_s) + expert_s + network_s;
-    // Prefill: flops over the coordinator (dense) and the hosts (experts, in parallel per layer),
-    // plus the per-layer network cost of each 256-token chunk.
+    // Prefill: flops over the coordinator (dense) and the hosts (experts, in parallel across
+    // hosts, adding up on a shared host), plus the network cost of each 256-token chunk.
     let p = req.prefill_tokens.max(1) as f64;
     let dense_flops =
         2.0 * p * model.dense_active_params as f64 + model.attn_flops_per_ctx as f64 * p * p / 2.0;
-    let t_dense = dense_flops / (coord.gflops_per_core * coord.cores as f64 * 1e9);
-    let mut t_exp_layer = 0f64;
+    let t_dense =
+        dense_flops / (dense_rates.map_or(coord_gflops, |r| r.prefill_dense_gflops) * 1e9);
+    let mut host_s = vec![0f64; cluster.nodes.len()];
     for (i, n) in cluster.nodes.iter().enumerate() {
         let share = counts[i] as f64 / (n_moe * model.experts as f64);
         let f = 2.0 * p * model.top_k as f64 * share * model.expert_params as f64;
-        t_exp_layer = t_exp_layer.max(f / (n.gflops_per_core * n.cores as f64 * 1e9));
+        let gflops = expert_rates[i].map_or(n.gflops_per_core * n.cores as f64, |r| {
+            r.prefill_expert_gflops
+        });
+        host_s[host_of[i]] += f / (gflops * 1e9);
     }
+    let t_exp_layer = host_s.iter().copied().fold(0.0, f64::max);
     let chunks = (p / 256.0).ceil();
+    let remote_nodes = counts
+        .iter()
+        .enumerate()
+        .filter(|&(i, &k)| i != ci && k > 0)
+        .count()
+        .max(1) as f64;
     let t_net_prefill = if any_remote {
-        model.moe_layers.len() as f64
-            * (chunks * (link.rtt_us + link.overhead_us) * 1e-6
+        n_moe_layers
+            * (chunks
+                * (link.rtt_us + link.overhead_us + (remote_nodes - 1.0) * link.per_worker_us)
+                * 1e-6
                 + p * model.top_k as f64 * remote_share * model.hidden as f64 * 8.0 * 8.0
                     / (link.bandwidth_gbps * 1e9))
     } else {
         0.0
     };
-    let prefill_s = t_dense + t_exp_layer * model.moe_layers.len() as f64 + t_net_prefill;
+    let prefill_s = t_dense + t_exp_layer * n_moe_layers + t_net_prefill;
     let need_total = total_expert_bytes + dense_bytes + cache_bytes;
     let shortfall = if fits {
         0
