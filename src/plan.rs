@@ -175,6 +175,8 @@ pub(crate) struct RpcFigures {
     pub overhead_us: f64,
     /// What each further worker contacted in the same layer adds, us.
     pub per_worker_us: f64,
+    /// What each KB of request and reply adds, us.
+    pub per_kb_us: f64,
 }
 
 /// Everything `moeshard calibrate` measures.
@@ -229,19 +231,22 @@ impl Calibration {
         for r in self.rpc.iter().skip(1) {
             let _ = writeln!(
                 s,
-                "# {}: overhead_us = {:.0}, per_worker_us = {:.0}",
-                r.transport, r.overhead_us, r.per_worker_us
+                "# {}: overhead_us = {:.0}, per_worker_us = {:.0}, per_kb_us = {:.3}",
+                r.transport, r.overhead_us, r.per_worker_us, r.per_kb_us
             );
         }
-        let (o, w) = self.rpc.first().map_or((self.loopback_rtt_us, 0.0), |r| {
-            (r.overhead_us, r.per_worker_us)
-        });
+        let (o, w, kb) = self
+            .rpc
+            .first()
+            .map_or((self.loopback_rtt_us, 0.0, 0.0), |r| {
+                (r.overhead_us, r.per_worker_us, r.per_kb_us)
+            });
         if let Some(r) = self.rpc.first() {
             let _ = writeln!(s, "# dispatch figures of {}", r.transport);
         }
         let _ = writeln!(
             s,
-            "[link]\nbandwidth_gbps = 40\nrtt_us = 0\noverhead_us = {o:.0}\nper_worker_us = {w:.0}"
+            "[link]\nbandwidth_gbps = 40\nrtt_us = 0\noverhead_us = {o:.0}\nper_worker_us = {w:.0}\nper_kb_us = {kb:.3}"
         );
         s
     }
@@ -465,10 +470,13 @@ fn rpc_probe_config(hidden: u64) -> String {
 fn dispatch_s(
     backend: &dyn ExpertBackend,
     hidden: usize,
+    tokens: usize,
     rows: &[ExpertRow],
     n: usize,
 ) -> Result<f64> {
-    let x: Vec<f32> = (0..hidden).map(|i| (i % 17) as f32 * 0.01).collect();
+    let x: Vec<f32> = (0..hidden * tokens)
+        .map(|i| (i % 17) as f32 * 0.01)
+        .collect();
     for _ in 0..10 {
         backend.dispatch(0, &x, rows)?.wait()?;
     }
@@ -499,6 +507,18 @@ fn measure_rpc(model_path: &Path, transport: &str) -> Result<RpcFigures> {
         };
         let one = [row(0)];
         let two = [row(0), row(1)];
+        // A prefill-sized request: 32 tokens, each through expert 0 (4 + 4 bytes a value moved
+        // per row, 12 of routing).
+        let big_tokens = 32;
+        let big: Vec<ExpertRow> = (0..big_tokens)
+            .map(|t| ExpertRow {
+                token: t,
+                expert: 0,
+                weight: 1.0,
+            })
+            .collect();
+        let big_kb = (big_tokens as usize * (8 * h + 12)) as f64 / 1e3;
+        let small_kb = (8 * h + 12) as f64 / 1e3;
         let args = |workers| ClusterArgs {
             local_workers: workers,
             transport: transport.to_string(),
@@ -513,23 +533,27 @@ fn measure_rpc(model_path: &Path, transport: &str) -> Result<RpcFigures> {
             ..ClusterArgs::default()
         };
         let local = crate::cluster::load(&cfg, &args(0))?;
-        let c1 = dispatch_s(local.experts.as_ref(), h, &one, 200)?;
-        let c2 = dispatch_s(local.experts.as_ref(), h, &two, 200)?;
+        let c1 = dispatch_s(local.experts.as_ref(), h, 1, &one, 200)?;
+        let cb = dispatch_s(local.experts.as_ref(), h, big_tokens as usize, &big, 100)?;
         drop(local);
         let w1 = crate::cluster::load(&cfg, &args(1))?;
-        let r1 = dispatch_s(w1.experts.as_ref(), h, &one, 300)?;
+        let r1 = dispatch_s(w1.experts.as_ref(), h, 1, &one, 300)?;
+        let rb = dispatch_s(w1.experts.as_ref(), h, big_tokens as usize, &big, 100)?;
         drop(w1);
         let w2 = crate::cluster::load(&cfg, &args(2))?;
-        let r2 = dispatch_s(w2.experts.as_ref(), h, &two, 300)?;
+        let r2 = dispatch_s(w2.experts.as_ref(), h, 1, &two, 300)?;
         drop(w2);
-        // With two workers each computes one row in parallel with the other.
-        let overhead = (r1 - c1).max(0.0);
-        let per_worker = (r2 - c1 - overhead).max(0.0);
-        let _ = c2;
+        // One row each: the round trip less the compute is the fixed cost of a dispatch; two
+        // workers (one row each, computed side by side) show what a further worker adds; the
+        // large request what its bytes add.
+        let per_kb = ((rb - cb) - (r1 - c1)).max(0.0) / (big_kb - small_kb);
+        let overhead = (r1 - c1 - small_kb * per_kb).max(0.0);
+        let per_worker = (r2 - c1 - overhead - 2.0 * small_kb * per_kb).max(0.0);
         Ok(RpcFigures {
             transport: transport.to_string(),
             overhead_us: overhead * 1e6,
             per_worker_us: per_worker * 1e6,
+            per_kb_us: per_kb * 1e6,
         })
     })();
     let _ = std::fs::remove_dir_all(&dir);

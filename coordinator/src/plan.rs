@@ -528,6 +528,11 @@ pub struct LinkSpec {
     /// `moeshard calibrate` with two local workers; mostly the CPU of one more request).
     #[serde(default)]
     pub per_worker_us: f64,
+    /// Software cost of each KB a dispatch moves (request plus reply: encoding, encryption,
+    /// copies), microseconds; it adds up over the workers of a layer, since the coordinator
+    /// handles every byte (measured by `moeshard calibrate` with a large request).
+    #[serde(default)]
+    pub per_kb_us: f64,
 }
 
 fn default_overhead() -> f64 {
@@ -958,13 +963,23 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         .filter(|&(i, &k)| i != ci && k > 0)
         .count()
         .max(1) as f64;
+    // Rows sent away in all (every remote node), and to the busiest one: each row's hidden state
+    // goes out and its output comes back, 4 bytes a value each way.
+    let all_remote = counts
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != ci)
+        .map(|(_, &k)| k as f64 / (n_moe * model.experts as f64))
+        .sum::<f64>();
+    let row_bytes = model.hidden as f64 * 8.0;
     let t_net_prefill = if any_remote {
         n_moe_layers
             * (chunks
                 * (link.rtt_us + link.overhead_us + (remote_nodes - 1.0) * link.per_worker_us)
                 * 1e-6
-                + p * model.top_k as f64 * remote_share * model.hidden as f64 * 8.0 * 8.0
-                    / (link.bandwidth_gbps * 1e9))
+                + p * model.top_k as f64 * remote_share * row_bytes * 8.0
+                    / (link.bandwidth_gbps * 1e9)
+                + p * model.top_k as f64 * all_remote * row_bytes / 1e3 * link.per_kb_us * 1e-6)
     } else {
         0.0
     };
@@ -1113,12 +1128,17 @@ mod tests {
                     disk_bw_gbs: None,
                     reserve_gb: 0.5,
                     coordinator: i == 0,
+                    host: None,
+                    expert_capacity_gb: None,
+                    rates: Default::default(),
                 })
                 .collect(),
             link: LinkSpec {
                 bandwidth_gbps: 10.0,
                 rtt_us,
                 overhead_us: 60.0,
+                per_worker_us: 0.0,
+                per_kb_us: 0.0,
             },
         }
     }
@@ -1247,6 +1267,174 @@ mod tests {
         assert!(eight.decode.expert_s > 4.0 * bf16.decode.expert_s);
     }
 
+    fn rated(name: &str, host: &str, experts: bool) -> NodeSpec {
+        let mut rates = std::collections::BTreeMap::new();
+        rates.insert(
+            "bf16".to_string(),
+            Rates {
+                dense_gbs: 10.0,
+                head_gbs: 20.0,
+                expert_gbs: 8.0,
+                prefill_dense_gflops: 100.0,
+                prefill_expert_gflops: 50.0,
+            },
+        );
+        NodeSpec {
+            name: name.into(),
+            memory_gb: 24.0,
+            mem_bw_gbs: 13.0,
+            cores: 2,
+            // Arithmetic far from the limit: decode is the reads.
+            gflops_per_core: 1e6,
+            disk_bw_gbs: None,
+            reserve_gb: 0.5,
+            coordinator: name == "c",
+            host: Some(host.into()),
+            expert_capacity_gb: (!experts).then_some(0.0),
+            rates,
+        }
+    }
+
+    fn link() -> LinkSpec {
+        LinkSpec {
+            bandwidth_gbps: 1.0,
+            rtt_us: 100.0,
+            overhead_us: 50.0,
+            per_worker_us: 30.0,
+            per_kb_us: 0.5,
+        }
+    }
+
+    fn no_cache(q: Quant) -> PlanRequest {
+        PlanRequest {
+            context: 0,
+            ..req(q)
+        }
+    }
+
+    // The benchmark model's sizes, by hand: per layer q/o 1024x2048 twice, k/v 1024x512 twice,
+    // two norms of 1024, a 64x1024 router; the LM head 32768x1024 plus the final norm; an
+    // expert 3x1024x512.
+    const LAYER_DENSE: f64 =
+        12.0 * (2.0 * 1024.0 * 2048.0 + 2.0 * 1024.0 * 512.0 + 2048.0 + 65536.0);
+    const HEAD: f64 = 32768.0 * 1024.0 + 1024.0;
+    const EXPERT_BYTES: f64 = 3.0 * 1024.0 * 512.0 * 2.0;
+
+    #[test]
+    fn measured_rates_give_the_step_by_hand() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        assert_eq!(m.layer_dense_params() as f64, LAYER_DENSE);
+        assert_eq!(m.head_params as f64, HEAD);
+        let c = ClusterSpec {
+            nodes: vec![rated("c", "box", true)],
+            link: link(),
+        };
+        let p = plan(&m, &c, no_cache(Quant::Bf16));
+        // bf16: 2 bytes a weight; dense 10 GB/s, head 20 GB/s, experts 8 GB/s.
+        let dense = LAYER_DENSE * 2.0 / 10e9 + HEAD * 2.0 / 20e9;
+        let experts = 12.0 * 8.0 * EXPERT_BYTES / 8e9;
+        let close = |a: f64, b: f64| (a / b - 1.0).abs() < 1e-9;
+        assert!(close(p.decode.dense_memory_s, dense), "{:?}", p.decode);
+        assert!(close(p.decode.expert_s, experts), "{:?}", p.decode);
+        assert_eq!(p.decode.network_s, 0.0);
+        assert!(close(p.decode_tok_s, 1.0 / (dense + experts)));
+        // A format without measured rates falls back to the node's memory bandwidth.
+        let q8 = plan(&m, &c, no_cache(Quant::Q8_0));
+        let bpw = 34.0 / 32.0;
+        assert!(close(
+            q8.decode.dense_memory_s,
+            (LAYER_DENSE + HEAD) * bpw / 13e9
+        ));
+        // Prefill: flops over the measured GFLOP/s.
+        let pt = 512.0;
+        let dense_flops =
+            2.0 * pt * (LAYER_DENSE + HEAD) + (12.0 * 4.0 * 16.0 * 128.0) * pt * pt / 2.0;
+        let expert_flops = 2.0 * pt * 8.0 * (EXPERT_BYTES / 2.0) * 12.0;
+        assert!(close(
+            pt / p.prefill_tok_s,
+            dense_flops / 100e9 + expert_flops / 50e9
+        ));
+    }
+
+    #[test]
+    fn workers_on_one_host_add_up_and_pay_the_link() {
+        let m = ModelShape::from_config_json(QWEN3_BENCH).unwrap();
+        let one = ClusterSpec {
+            nodes: vec![rated("c", "box", false), rated("w0", "box", true)],
+            link: link(),
+        };
+        let p = plan(&m, &one, no_cache(Quant::Bf16));
+        assert_eq!(p.nodes[0].experts, 0);
+        assert_eq!(p.nodes[1].experts, 12 * 64);
+        let per_layer = 8.0 * EXPERT_BYTES / 8e9;
+        // One worker gets all 8 rows: the token's 4 KB out, 8 rows of (12 + 4 KB) back.
+        let bytes = 4096.0 + 8.0 * (12.0 + 4096.0);
+        let wire = 100e-6 + bytes * 8.0 / 1e9;
+        let net = (50.0 + bytes / 1e3 * 0.5) * 1e-6;
+        let close = |a: f64, b: f64| (a / b - 1.0).abs() < 1e-9;
+        assert!(close(p.decode.expert_s, 12.0 * per_layer), "{:?}", p.decode);
+        assert!(
+            close(p.decode.network_per_layer_us, (wire + net) * 1e6),
+            "{:?}",
+            p.decode
+        );
+        // Two workers on the same box: their reads add up (the same 8 experts in every draw),
+        // a second request costs per_worker_us when both get rows.
+        let two_same = ClusterSpec {
+            nodes: vec![
+                rated("c", "box", false),
+                rated("w0", "box", true),
+                rated("w1", "box", true),
+            ],
+            link: link(),
+        };
+        let q = plan(&m, &two_same, no_cache(Quant::Bf16));
+        assert!(close(q.decode.expert_s, 12.0 * per_layer), "{:?}", q.decode);
+        assert!(q.decode.network_per_layer_us > 50.0 + 100.0);
+        // On two machines they read in parallel: the busier one's share, between half and all.
+        let mut two_hosts = two_same.clone();
+        two_hosts.nodes[2].host = Some("other".into());
+        let r = plan(&m, &two_hosts, no_cache(Quant::Bf16));
+        assert!(r.decode.expert_s < q.decode.expert_s);
+        assert!(r.decode.expert_s > 0.5 * q.decode.expert_s);
+        assert!(r.decode_tok_s > q.decode_tok_s);
+        // The same plan twice is the same plan (the routing draws are fixed).
+        assert_eq!(
+            plan(&m, &two_hosts, no_cache(Quant::Bf16)).decode_tok_s,
+            r.decode_tok_s
+        );
+        // A slower link costs its bytes: 8x less bandwidth, 7x the transfer time more.
+        let mut slow = one.clone();
+        slow.link.bandwidth_gbps = 0.125;
+        let s = plan(&m, &slow, no_cache(Quant::Bf16));
+        assert!(close(
+            s.decode.network_per_layer_us - p.decode.network_per_layer_us,
+            7.0 * bytes * 8.0 / 1e9 * 1e6
+        ));
+    }
+
+    #[test]
+    fn fewer_layers_scale_the_layer_parts_only() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/configs");
+        let text = std::fs::read_to_string(format!("{dir}/qwen3-235b-a22b.json")).unwrap();
+        let m = ModelShape::from_config_json(&text).unwrap();
+        assert_eq!(m.layers, 94);
+        let k = m.with_layers(2);
+        assert_eq!(k.layers, 2);
+        assert_eq!(k.moe_layers, vec![0, 1]);
+        assert_eq!(k.head_params, m.head_params);
+        // Alike layers: exactly 2/94 of the layer weights, caches and attention.
+        assert_eq!(k.layer_dense_params() * 47, m.layer_dense_params());
+        assert_eq!(k.kv_elems_per_token * 47, m.kv_elems_per_token);
+        assert_eq!(
+            m.dense_params - k.dense_params,
+            m.layer_dense_params() - k.layer_dense_params()
+        );
+        assert_eq!(k.total_params(), k.dense_params + 2 * 128 * m.expert_params);
+        assert_eq!(m.with_layers(94).total_params(), m.total_params());
+        assert_eq!(m.with_layers(500).layers, 94);
+    }
+
     #[test]
     fn a_gguf_header_sizes_like_its_config() {
         use moeshard_engine::gguf::{Value, Writer, parse_metadata};
@@ -1304,6 +1492,14 @@ mod tests {
         "#;
         let c = ClusterSpec::from_toml(ok).unwrap();
         assert_eq!(c.coordinator(), 0);
+        assert!(c.nodes[0].rates.is_empty() && c.nodes[0].host.is_none());
+        let rated = format!(
+            "{ok}\n[[node]]\nname = \"w\"\nhost = \"mac2\"\nmemory_gb = 8\nmem_bw_gbs = 10\ncores = 2\nexpert_capacity_gb = 1.5\n[node.rates.q8_0]\ndense_gbs = 1\nhead_gbs = 2\nexpert_gbs = 3\nprefill_dense_gflops = 4\nprefill_expert_gflops = 5\n"
+        );
+        let c = ClusterSpec::from_toml(&rated).unwrap();
+        assert_eq!(c.nodes[2].rates["q8_0"].expert_gbs, 3.0);
+        assert_eq!(c.nodes[2].expert_capacity_gb, Some(1.5));
+        assert!(ClusterSpec::from_toml(&rated.replace("head_gbs", "heads_gbs")).is_err());
         assert!(ClusterSpec::from_toml("[link]\nbandwidth_gbps = 1\nrtt_us = 1\n").is_err());
         let typo = ok.replace(
             "mem_bw_gbs = 100\n            cores = 10\n            coordinator",
