@@ -768,6 +768,7 @@ fn expected_layer(l: &LayerInputs<'_>) -> LayerCost {
         }
         let mut slowest_remote = 0f64;
         let mut contacted = 0usize;
+        let mut moved = 0f64;
         for i in 0..n {
             if i == l.coordinator || rows[i] == 0 {
                 continue;
@@ -775,12 +776,16 @@ fn expected_layer(l: &LayerInputs<'_>) -> LayerCost {
             contacted += 1;
             let bytes =
                 tokens_to[i] as f64 * l.hidden * 4.0 + rows[i] as f64 * (12.0 + l.hidden * 4.0);
+            moved += bytes;
             let wire = l.link.rtt_us * 1e-6 + bytes * 8.0 / (l.link.bandwidth_gbps * 1e9);
             slowest_remote = slowest_remote.max(wire + host_s[l.host_of[i]]);
         }
         let local = host_s[l.host_of[l.coordinator]];
         let net = if contacted > 0 {
-            (l.link.overhead_us + (contacted - 1) as f64 * l.link.per_worker_us) * 1e-6
+            (l.link.overhead_us
+                + (contacted - 1) as f64 * l.link.per_worker_us
+                + moved / 1e3 * l.link.per_kb_us)
+                * 1e-6
         } else {
             0.0
         };
