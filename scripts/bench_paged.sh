@@ -15,14 +15,17 @@
 #
 # Needs root for the cgroup (skipped otherwise), python3 with the `gguf` package for the byte
 # counts, a release build (cargo build --release) and llama.cpp's llama-bench (LLAMA_BIN).
-# Environment: BIN, LLAMA_BIN, TOKENS (decode tokens, default 64), OVERHEAD (bytes, default
-# 256 MiB), THREADS (default 2), PCTS (default "100 50 25").
+# Environment: BIN, LLAMA_BIN, TOKENS (decode tokens, default 64), LLAMA_TOKENS (llama-bench's,
+# default 16: under a tight limit it decodes below 1 token/s), OVERHEAD (bytes, default 256 MiB),
+# THREADS (compute threads of both, default 2; on a loaded machine use 1: llama.cpp's spinning
+# threads collapse when cores are shared), PCTS (default "100 50 25").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-bench-models/qwen3_moe_bench-Q4_K_M.gguf}
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/moeshard}
 LLAMA_BIN=${LLAMA_BIN:-/tmp/llamacpp-peer/llama.cpp/build/bin}
 TOKENS=${TOKENS:-64}
+LLAMA_TOKENS=${LLAMA_TOKENS:-16}
 OVERHEAD=${OVERHEAD:-$((256 << 20))}
 THREADS=${THREADS:-2}
 PCTS=${PCTS:-100 50 25}
@@ -84,7 +87,7 @@ print(f"random {matrix} B ranges, 4 threads:  {r4:7.0f} MB/s")
 EOF
 
 echo "== moeshard bench --memory-budget (no memory limit; paged reads are O_DIRECT)"
-"$BIN" bench --model "$MODEL" --memory-budget-sweep --decode-tokens "$TOKENS" \
+RAYON_NUM_THREADS="$THREADS" "$BIN" bench --model "$MODEL" --memory-budget-sweep --decode-tokens "$TOKENS" \
   --prefill-tokens 0 --json
 
 if [ "$(id -u)" != 0 ] || [ ! -d /sys/fs/cgroup/memory ]; then
@@ -105,10 +108,12 @@ for pct in $PCTS; do
   limit=$((budget + DENSE_BYTES + OVERHEAD))
   echo "$limit" > "$CG/memory.limit_in_bytes"
   echo "-- $pct%: budget $budget, cgroup limit $limit"
-  in_cgroup "$LLAMA_BIN/llama-bench" -m "$MODEL" -p 0 -n "$TOKENS" -t "$THREADS" -r 2 -o md \
-    2>/dev/null | grep -E '^\|' || echo "llama-bench failed"
-  echo "llama-bench peak cgroup usage $(cat "$CG/memory.max_usage_in_bytes")"
-  in_cgroup "$BIN" bench --model "$MODEL" --memory-budget "$budget" \
+  in_cgroup "$LLAMA_BIN/llama-bench" -m "$MODEL" -p 0 -n "$LLAMA_TOKENS" -t "$THREADS" -r 1 \
+    -o md 2>/tmp/bench_paged_llama.err | grep -E '^\|' \
+    || { echo "llama-bench failed:"; tail -n 3 /tmp/bench_paged_llama.err; }
+  echo "llama-bench peak cgroup usage $(cat "$CG/memory.max_usage_in_bytes")," \
+    "OOM kills so far $(awk '$1 == "oom_kill" {print $2}' "$CG/memory.oom_control")"
+  RAYON_NUM_THREADS="$THREADS" in_cgroup "$BIN" bench --model "$MODEL" --memory-budget "$budget" \
     --decode-tokens "$TOKENS" --prefill-tokens 0 --json || echo "moeshard bench failed"
   echo "moeshard peak cgroup usage $(cat "$CG/memory.max_usage_in_bytes")"
 done
