@@ -347,6 +347,11 @@ impl LocalExperts {
                 })?;
             jobs.push((w, idx));
         }
+        // Decode-like batches (a few rows per expert) with enough experts for every thread:
+        // each thread runs whole experts, without splitting the small products again (decode's
+        // 8 experts on 2 threads). Larger batches split the products (uneven experts balance
+        // better that way). The same bits either way.
+        let whole = jobs.len() >= 2 * rayon::current_num_threads() && rows.len() <= 4 * jobs.len();
         let outputs: Vec<(Vec<usize>, Vec<f32>)> = jobs
             .into_par_iter()
             .map(|(w, idx)| {
@@ -359,7 +364,11 @@ impl LocalExperts {
                     ws.push(rows[i].weight);
                 }
                 let mut y = vec![0f32; n * h];
-                w.forward(&x, n, &ws, &mut y);
+                if whole {
+                    kernels::serial(|| w.forward(&x, n, &ws, &mut y));
+                } else {
+                    w.forward(&x, n, &ws, &mut y);
+                }
                 (idx, y)
             })
             .collect();

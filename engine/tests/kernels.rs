@@ -563,6 +563,27 @@ mod quantized {
     }
 
     #[test]
+    fn serial_products_equal_split_products() {
+        let (rows, cols) = (512, 1024);
+        for q in ALL {
+            let w = random_blocks(q, rows * cols / q.block_elems(), 9);
+            let x = acts(cols * 3, 4);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap();
+            let (mut split, mut whole) = (vec![0f32; rows * 3], vec![0f32; rows * 3]);
+            pool.install(|| {
+                kernels::matmul(Mat::Quant(q, &w), rows, cols, &x, 3, &mut split);
+                kernels::serial(|| {
+                    kernels::matmul(Mat::Quant(q, &w), rows, cols, &x, 3, &mut whole)
+                });
+            });
+            assert_eq!(split, whole, "{q:?}");
+        }
+    }
+
+    #[test]
     fn gate_up_pair_equals_two_products() {
         for q in ALL {
             for &(rows, cols, n) in &[(64, 512, 1), (130, 256, 5), (8, 1024, 64)] {

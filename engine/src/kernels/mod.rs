@@ -165,6 +165,29 @@ pub(crate) fn has_avx512bw() -> bool {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use quant_x86::quantize_block_512;
 
+thread_local! {
+    static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn in_serial() -> bool {
+    SERIAL.with(|s| s.get())
+}
+
+/// Runs `f` with every kernel it calls on this thread kept on this thread (no rayon split):
+/// for callers that already run independent products in parallel (whole experts per thread),
+/// where splitting each small product again costs more than it gains. Results are the same
+/// bits either way.
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SERIAL.with(|s| s.set(self.0));
+        }
+    }
+    let _reset = Reset(SERIAL.with(|s| s.replace(true)));
+    f()
+}
+
 /// The fastest available path, chosen once per process.
 pub fn best_path() -> Path {
     static BEST: OnceLock<Path> = OnceLock::new();
@@ -353,7 +376,7 @@ fn drive_quant_many(
     let threads = rayon::current_num_threads();
     let total_rows: usize = jobs.iter().map(|j| j.1).sum();
     let work = total_rows.saturating_mul(cols).saturating_mul(n_tokens);
-    let serial = threads <= 1 || work < SERIAL_WORK || total_rows < 2;
+    let serial = threads <= 1 || work < SERIAL_WORK || total_rows < 2 || in_serial();
     let mut block = (BLOCK_BYTES / row_bytes.max(1)).max(1);
     if !serial {
         block = block.min(total_rows.div_ceil(4 * threads));
@@ -571,7 +594,7 @@ fn drive<W: Elem>(
     let row_bytes = (k_block.unwrap_or(cols).min(cols) * size_of::<W>()).max(1);
     let threads = rayon::current_num_threads();
     let work = rows.saturating_mul(cols).saturating_mul(n_tokens);
-    let serial = threads <= 1 || work < SERIAL_WORK || rows <= rt;
+    let serial = threads <= 1 || work < SERIAL_WORK || rows <= rt || in_serial();
 
     // Rows per task: about BLOCK_BYTES of weights, a multiple of the tile height, and small enough
     // that every thread gets several tasks (work stealing then evens out the load).
