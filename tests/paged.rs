@@ -36,20 +36,9 @@ fn expert_bytes(path: &Path) -> (u64, u64) {
 }
 
 fn logits(path: &Path, extra: &[&str]) -> Vec<u8> {
-    let out = tempfile::NamedTempFile::new().unwrap();
-    let mut args = vec![
-        "logits",
-        "--model",
-        path.to_str().unwrap(),
-        "--tokens",
-        TOKENS,
-        "--out",
-        out.path().to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let (ok, _, stderr) = run(&args);
+    let (ok, bytes, stderr) = common::logits_npy(path, TOKENS, extra);
     assert!(ok, "logits {} {extra:?} failed: {stderr}", path.display());
-    std::fs::read(out.path()).unwrap()
+    bytes
 }
 
 fn generate(path: &Path, extra: &[&str]) -> String {
@@ -198,4 +187,89 @@ fn what_cannot_be_paged_is_refused_with_the_reason() {
         "1G",
     ]);
     assert!(!ok && err.contains("GPT-OSS"), "{err}");
+}
+
+/// A server's paged counters: `/metrics` carries the `moeshard_paged_*` series and `/v1/cluster`
+/// a `paged` object per host, in this process and on local workers, after real requests.
+#[test]
+fn serve_reports_the_paged_counters() {
+    use moeshard_coordinator::serve::client;
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    let timeout = Duration::from_secs(60);
+    let path = model("qwen3_moe_tiny");
+    let (total, least) = expert_bytes(&path);
+    let quarter = (total / 4).max(least);
+    for extra in [&[][..], &["--local-workers", "2", "--transport", "quic"][..]] {
+        let budget = quarter.to_string();
+        let mut child = Command::new(common::bin())
+            .args(["serve", "--model", path.to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--memory-budget", &budget])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        struct Kill(std::process::Child);
+        impl Drop for Kill {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let stdout = child.stdout.take().unwrap();
+        let _guard = Kill(child);
+        let addr = BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.strip_prefix("listening on ").map(str::to_string))
+            .expect("the server printed its address");
+        for i in 0..3 {
+            let r = client::post_json(
+                &addr,
+                "/v1/completions",
+                &[],
+                &serde_json::json!({"prompt": format!("paged {i}"), "max_tokens": 6,
+                                    "ignore_eos": true}),
+                timeout,
+            )
+            .unwrap();
+            assert_eq!(r.status, 200, "{extra:?}");
+        }
+        let metrics = client::get(&addr, "/metrics", timeout).unwrap().text().unwrap();
+        let series = |name: &str| -> Vec<f64> {
+            metrics
+                .lines()
+                .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+                .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .collect()
+        };
+        let hosts = if extra.is_empty() { 1 } else { 2 };
+        let budgets = series("moeshard_paged_memory_budget_bytes");
+        assert_eq!(budgets, vec![quarter as f64; hosts], "{extra:?}\n{metrics}");
+        let reads: f64 = series("moeshard_paged_disk_read_bytes_total").iter().sum();
+        let uses: f64 = series("moeshard_paged_hits_total").iter().sum::<f64>()
+            + series("moeshard_paged_misses_total").iter().sum::<f64>();
+        assert!(reads > 0.0 && uses > 0.0, "{extra:?}\n{metrics}");
+        for r in series("moeshard_paged_resident_bytes") {
+            assert!(r <= quarter as f64, "{extra:?}: resident {r} over the budget");
+        }
+        let v: serde_json::Value = client::get(&addr, "/v1/cluster", timeout)
+            .unwrap()
+            .json()
+            .unwrap();
+        let paged: Vec<&serde_json::Value> = v["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|h| h["stats"].get("paged").or_else(|| h.get("paged")))
+            .collect();
+        assert_eq!(paged.len(), hosts, "{extra:?}: {v}");
+        for p in paged {
+            assert_eq!(p["memory_budget_bytes"].as_u64(), Some(quarter), "{p}");
+        }
+    }
 }
