@@ -202,7 +202,10 @@ fn serve_reports_the_paged_counters() {
     let path = model("qwen3_moe_tiny");
     let (total, least) = expert_bytes(&path);
     let quarter = (total / 4).max(least);
-    for extra in [&[][..], &["--local-workers", "2", "--transport", "quic"][..]] {
+    for extra in [
+        &[][..],
+        &["--local-workers", "2", "--transport", "quic"][..],
+    ] {
         let budget = quarter.to_string();
         let mut child = Command::new(common::bin())
             .args(["serve", "--model", path.to_str().unwrap()])
@@ -239,7 +242,10 @@ fn serve_reports_the_paged_counters() {
             .unwrap();
             assert_eq!(r.status, 200, "{extra:?}");
         }
-        let metrics = client::get(&addr, "/metrics", timeout).unwrap().text().unwrap();
+        let metrics = client::get(&addr, "/metrics", timeout)
+            .unwrap()
+            .text()
+            .unwrap();
         let series = |name: &str| -> Vec<f64> {
             metrics
                 .lines()
@@ -255,7 +261,10 @@ fn serve_reports_the_paged_counters() {
             + series("moeshard_paged_misses_total").iter().sum::<f64>();
         assert!(reads > 0.0 && uses > 0.0, "{extra:?}\n{metrics}");
         for r in series("moeshard_paged_resident_bytes") {
-            assert!(r <= quarter as f64, "{extra:?}: resident {r} over the budget");
+            assert!(
+                r <= quarter as f64,
+                "{extra:?}: resident {r} over the budget"
+            );
         }
         let v: serde_json::Value = client::get(&addr, "/v1/cluster", timeout)
             .unwrap()
