@@ -45,7 +45,9 @@ gguf_for() { # TYPE -> path, made on demand with llama.cpp's own converter and q
   if [ ! -f "$f" ]; then
     case $t in
       F16|Q8_0) log "converting to $t"
-        LLAMA_CPP_DIR=$LLAMA/llama.cpp python3 "$SHARED/peer/convert.py" "$MODEL" \
+        # Our bench tokenizers split like GPT-2 (byte-level BPE): record that pre-tokenizer, not
+        # the wrapper's default for unknown ones (qwen2).
+        FORCE_TOKPRE=gpt-2 LLAMA_CPP_DIR=$LLAMA/llama.cpp python3 "$SHARED/peer/convert.py" "$MODEL" \
           --outtype "$(echo "$t" | tr 'A-Z' 'a-z')" --outfile "$f" >/dev/null 2>&1 ;;
       *) local src; src=$(gguf_for F16)
         log "quantizing to $t"; "$BIN/llama-quantize" "$src" "$f" "$t" >/dev/null 2>&1 ;;
