@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use moeshard_engine::experts::scatter_rows;
 use moeshard_engine::fingerprint::model_fingerprint;
 use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{
@@ -1368,9 +1369,7 @@ impl PendingExperts for ClusterPending<'_> {
                 })?;
                 let sub: Vec<ExpertRow> = local_rows.iter().map(|&i| self.rows[i]).collect();
                 let y = local.compute(layer, self.hidden, &sub)?;
-                for (k, &i) in local_rows.iter().enumerate() {
-                    out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
-                }
+                scatter_rows(&mut out, &local_rows, &y, h);
                 local_rows.clear();
             }
             let mut retry = Vec::new();
@@ -1393,9 +1392,7 @@ impl PendingExperts for ClusterPending<'_> {
                         worker
                             .dispatch
                             .record(done.saturating_duration_since(self.started));
-                        for (k, &i) in call.rows.iter().enumerate() {
-                            out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
-                        }
+                        scatter_rows(&mut out, &call.rows, &y, h);
                         last = last.max(Some(done));
                     }
                     Err(f) if f.failover => {

@@ -374,24 +374,35 @@ impl LocalExperts {
             .collect();
         let mut out = vec![0f32; rows.len() * h];
         for (idx, y) in outputs {
-            for (k, &i) in idx.iter().enumerate() {
-                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
-            }
+            scatter_rows(&mut out, &idx, &y, h);
         }
         Ok(out)
     }
 }
 
-struct Deferred<'a> {
-    host: &'a LocalExperts,
-    layer: usize,
-    hidden: &'a [f32],
-    rows: &'a [ExpertRow],
+/// Writes row `k` of `y` (rows of `h` values) to row `idx[k]` of `out`: a host's outputs put
+/// back in the order of the step's rows.
+pub fn scatter_rows(out: &mut [f32], idx: &[usize], y: &[f32], h: usize) {
+    for (k, &i) in idx.iter().enumerate() {
+        out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
+    }
 }
 
-impl PendingExperts for Deferred<'_> {
+/// How a host of experts computes a step's rows: `(host, layer, hidden, rows) -> outputs`.
+pub(crate) type ComputeFn<H> = fn(&H, usize, &[f32], &[ExpertRow]) -> Result<Vec<f32>>;
+
+/// Experts of this process, computed when the step waits for them (`compute` of `host`).
+pub(crate) struct Deferred<'a, H> {
+    pub(crate) host: &'a H,
+    pub(crate) compute: ComputeFn<H>,
+    pub(crate) layer: usize,
+    pub(crate) hidden: &'a [f32],
+    pub(crate) rows: &'a [ExpertRow],
+}
+
+impl<H: Sync> PendingExperts for Deferred<'_, H> {
     fn wait(self: Box<Self>) -> Result<Vec<f32>> {
-        self.host.compute(self.layer, self.hidden, self.rows)
+        (self.compute)(self.host, self.layer, self.hidden, self.rows)
     }
 }
 
@@ -404,6 +415,7 @@ impl ExpertBackend for LocalExperts {
     ) -> Result<Box<dyn PendingExperts + 'a>> {
         Ok(Box::new(Deferred {
             host: self,
+            compute: LocalExperts::compute,
             layer,
             hidden,
             rows,

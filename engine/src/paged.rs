@@ -35,7 +35,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Arch, ExpertAct, ModelConfig};
 use crate::error::{EngineError, Result};
-use crate::experts::{ExpertBackend, ExpertRow, ExpertWeights, PendingExperts};
+use crate::experts::{
+    Deferred, ExpertBackend, ExpertRow, ExpertWeights, PendingExperts, scatter_rows,
+};
 use crate::safetensors::Checkpoint;
 use crate::tensor::{DType, Tensor};
 
@@ -678,11 +680,7 @@ impl PagedExperts {
             w.forward(&x, n, &ws, &mut y);
             (key, y)
         };
-        let place = |out: &mut [f32], key: Key, y: &[f32]| {
-            for (k, &i) in groups[&key.1].iter().enumerate() {
-                out[i * h..(i + 1) * h].copy_from_slice(&y[k * h..(k + 1) * h]);
-            }
-        };
+        let place = |out: &mut [f32], key: Key, y: &[f32]| scatter_rows(out, &groups[&key.1], y, h);
         let done: Vec<(Key, Vec<f32>)> = hits.par_iter().map(|(k, w)| job(*k, w)).collect();
         for (key, y) in done {
             place(&mut out, key, &y);
@@ -985,19 +983,6 @@ impl Drop for PagedExperts {
     }
 }
 
-struct Deferred<'a> {
-    host: &'a PagedExperts,
-    layer: usize,
-    hidden: &'a [f32],
-    rows: &'a [ExpertRow],
-}
-
-impl PendingExperts for Deferred<'_> {
-    fn wait(self: Box<Self>) -> Result<Vec<f32>> {
-        self.host.compute(self.layer, self.hidden, self.rows)
-    }
-}
-
 impl ExpertBackend for PagedExperts {
     fn dispatch<'a>(
         &'a self,
@@ -1007,6 +992,7 @@ impl ExpertBackend for PagedExperts {
     ) -> Result<Box<dyn PendingExperts + 'a>> {
         Ok(Box::new(Deferred {
             host: self,
+            compute: PagedExperts::compute,
             layer,
             hidden,
             rows,
