@@ -396,6 +396,21 @@ impl Model {
         seqs: &mut [SeqStep<'_>],
         experts: &dyn ExpertBackend,
     ) -> Result<Vec<Vec<f32>>> {
+        if rayon::current_thread_index().is_some() {
+            return self.forward_on_pool(seqs, experts);
+        }
+        // The whole step runs on one of the pool's threads: each parallel loop inside is then
+        // forked from a pool thread (the other threads steal its tasks) instead of being
+        // injected from outside and waited for across threads, which cost two thread wake-ups
+        // per loop (several per layer).
+        rayon::scope(|_| self.forward_on_pool(seqs, experts))
+    }
+
+    fn forward_on_pool(
+        &self,
+        seqs: &mut [SeqStep<'_>],
+        experts: &dyn ExpertBackend,
+    ) -> Result<Vec<Vec<f32>>> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
         // Validate everything before touching any cache.
