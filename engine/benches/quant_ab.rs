@@ -2,7 +2,7 @@
 //! processes on a shared machine do not count): each kernel path against the others on
 //! expert-sized products, alternating paths round by round and keeping each one's best round.
 //!
-//! `cargo bench -p moeshard-engine --bench quant_ab` (Linux: reads /proc/thread-self/schedstat).
+//! `cargo bench -p moeshard-engine --bench quant_ab` (Unix: thread CPU clock).
 //! Optional filter argument: a type name (`q8_0`, `q4_k`, ...).
 
 use std::hint::black_box;
@@ -11,12 +11,17 @@ use moeshard_engine::Mat;
 use moeshard_engine::kernels::{self, Path};
 use moeshard_engine::quant::{self, QType};
 
-/// Nanoseconds this thread has run on a CPU.
+/// Nanoseconds this thread has run on a CPU (`CLOCK_THREAD_CPUTIME_ID`: exact, unlike
+/// /proc/thread-self/schedstat, which advances in scheduler ticks on some kernels).
 fn thread_cpu_ns() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/schedstat")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse().ok())
-        .expect("reading /proc/thread-self/schedstat")
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn values(n: usize, seed: u32) -> Vec<f32> {

@@ -690,17 +690,28 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
         let xd = acts.d.as_ptr().add(t0 * nb);
         // i16 lane -> scale index: Q4_K/Q5_K chunk c takes scales 2c, 2c + 1 (one per 256-bit
         // half); Q6_K register v takes sub-blocks 4v..4v + 4 (8 lanes each).
-        let mut idx45 = [zero; 4];
-        let mut idx6 = [zero; 4];
-        for c in 0..4 {
+        //
+        // The products run as `vpdpbusd` (four byte products per 32-bit lane, at most
+        // 4 * 63 * 127 in size, so each lane fits 16 bits), two chunks' lanes packed into one
+        // register of 16-bit lanes (`vpackssdw`: no saturation can occur), then one `vpdpwssd`
+        // with the sub-block scales: the same exact integer `S` as a `vpmaddubsw` per chunk.
+        // After the pack of chunks `c` (first) and `c'` (second), 128-bit lane `l` holds four
+        // lanes of each: 16-bit element `e` of lane `l` comes from chunk `c` when `e % 8 < 4`.
+        // Q4_K/Q5_K chunk `c` holds sub-block `2c` in its low 256 bits and `2c + 1` in its high
+        // ones; Q6_K chunk `c` holds sub-block `4c + l` in 128-bit lane `l`.
+        let mut idx45 = [zero; 2];
+        let mut idx6 = [zero; 2];
+        for h in 0..2 {
             let mut a = [0i16; 32];
             let mut b6 = [0i16; 32];
-            for i in 0..32 {
-                a[i] = (2 * c + i / 16) as i16;
-                b6[i] = (4 * c + i / 8) as i16;
+            for (i, (a, b6)) in a.iter_mut().zip(b6.iter_mut()).enumerate() {
+                let (l, e) = (i / 8, i % 8);
+                let chunk = 2 * h + usize::from(e >= 4);
+                *a = (2 * chunk + usize::from(l >= 2)) as i16;
+                *b6 = (4 * chunk + l) as i16;
             }
-            idx45[c] = _mm512_loadu_si512(a.as_ptr().cast());
-            idx6[c] = _mm512_loadu_si512(b6.as_ptr().cast());
+            idx45[h] = _mm512_loadu_si512(a.as_ptr().cast());
+            idx6[h] = _mm512_loadu_si512(b6.as_ptr().cast());
         }
         let m30 = _mm512_set1_epi8(0x30);
         // Q6_K high bits: shift counts per 256-bit half.
@@ -740,13 +751,14 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                             _mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4),
                             _mm512_and_si512(_mm512_srlv_epi16(qh, shr_b), m30),
                         );
-                        for (k, v) in [va, vb].into_iter().enumerate() {
-                            let scv = _mm512_permutexvar_epi16(idx6[2 * h + k], sc16);
-                            for t in 0..N {
-                                let x = xq.add(t * cols + 256 * b + 128 * h + 64 * k);
-                                let p = _mm512_maddubs_epi16(v, _mm512_loadu_si512(x.cast()));
-                                s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
-                            }
+                        let scv = _mm512_permutexvar_epi16(idx6[h], sc16);
+                        for t in 0..N {
+                            let x = xq.add(t * cols + 256 * b + 128 * h);
+                            let pa = _mm512_dpbusd_epi32(zero, va, _mm512_loadu_si512(x.cast()));
+                            let pb =
+                                _mm512_dpbusd_epi32(zero, vb, _mm512_loadu_si512(x.add(64).cast()));
+                            let p = _mm512_packs_epi32(pa, pb);
+                            s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
                         }
                     }
                     // The -32 offset: S -= 32 * sum_j sc_j * sums16_j (exact).
@@ -779,23 +791,30 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                             _mm512_shuffle_i64x2::<0b01_00_01_00>(lo, hi),
                             _mm512_shuffle_i64x2::<0b11_10_11_10>(lo, hi),
                         ];
-                        for (k, mut v) in ws.into_iter().enumerate() {
-                            let c = 2 * c2 + k;
-                            if K == 1 {
+                        let mut ws = ws;
+                        if K == 1 {
+                            for (k, v) in ws.iter_mut().enumerate() {
+                                let c = 2 * c2 + k;
                                 // Fifth bits: bit 2c of qh for the low half, 2c + 1 for the high.
                                 let sel = _mm512_inserti64x4::<1>(
                                     _mm512_set1_epi8((1u8 << (2 * c)) as i8),
                                     _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8),
                                 );
                                 let top = _mm512_test_epi8_mask(qh, sel);
-                                v = _mm512_mask_add_epi8(v, top, v, _mm512_set1_epi8(16));
+                                *v = _mm512_mask_add_epi8(*v, top, *v, _mm512_set1_epi8(16));
                             }
-                            let scv = _mm512_permutexvar_epi16(idx45[c], sc16);
-                            for t in 0..N {
-                                let x = xq.add(t * cols + 256 * b + 64 * c);
-                                let p = _mm512_maddubs_epi16(v, _mm512_loadu_si512(x.cast()));
-                                s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
-                            }
+                        }
+                        let scv = _mm512_permutexvar_epi16(idx45[c2], sc16);
+                        for t in 0..N {
+                            let x = xq.add(t * cols + 256 * b + 128 * c2);
+                            let pa = _mm512_dpbusd_epi32(zero, ws[0], _mm512_loadu_si512(x.cast()));
+                            let pb = _mm512_dpbusd_epi32(
+                                zero,
+                                ws[1],
+                                _mm512_loadu_si512(x.add(64).cast()),
+                            );
+                            let p = _mm512_packs_epi32(pa, pb);
+                            s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
                         }
                     }
                     for t in 0..N {
