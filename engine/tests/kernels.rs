@@ -471,6 +471,51 @@ mod quantized {
             .collect()
     }
 
+    /// Largest quant values (every bit set) against activations at the ends of the 8-bit range:
+    /// the SIMD paths' 16-bit intermediate sums must neither overflow nor saturate.
+    #[test]
+    fn extreme_blocks_and_activations_match_the_reference() {
+        for q in ALL {
+            let (rows, cols, n) = (5, 512, 9);
+            let mut w = vec![0xFFu8; rows * cols / q.block_elems() * q.block_bytes()];
+            let one = half::f16::from_f32(0.5).to_bits().to_le_bytes();
+            for blk in w.chunks_exact_mut(q.block_bytes()) {
+                let offsets: &[usize] = match q {
+                    QType::Q8_0 | QType::Q4_0 => &[0],
+                    QType::Q4_K | QType::Q5_K => &[0, 2],
+                    QType::Q6_K => &[208],
+                };
+                for &o in offsets {
+                    blk[o..o + 2].copy_from_slice(&one);
+                }
+            }
+            // Alternating signs per token, every value at the block maximum.
+            let x: Vec<f32> = (0..n * cols)
+                .map(|i| if (i / cols) % 2 == 0 { 3.0 } else { -3.0 })
+                .collect();
+            let mut want = vec![0f32; rows * n];
+            kernels::matmul_with(
+                Path::Scalar,
+                Mat::Quant(q, &w),
+                rows,
+                cols,
+                &x,
+                n,
+                &mut want,
+            );
+            assert!(
+                want.iter().all(|v| v.is_finite() && *v != 0.0),
+                "{q:?}: {want:?}"
+            );
+            for path in kernels::available_paths() {
+                let mut got = vec![0f32; rows * n];
+                kernels::matmul_with(path, Mat::Quant(q, &w), rows, cols, &x, n, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{q:?} on {path:?}");
+            }
+        }
+    }
+
     #[test]
     fn every_path_matches_the_reference_bit_for_bit() {
         for q in ALL {
@@ -480,6 +525,7 @@ mod quantized {
                 (33, 1024, 3),
                 (130, 768, 7),
                 (5, 256, 20),
+                (9, 512, 13),
             ] {
                 let w = random_blocks(q, rows * cols / q.block_elems(), (rows * cols + n) as u64);
                 let x = acts(n * cols, rows as u64);
@@ -653,7 +699,7 @@ mod quantized {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
-        fn proptest_paths_agree(qi in 0usize..5, rows in 1usize..9, nb in 1usize..5, n in 1usize..4, seed in any::<u64>()) {
+        fn proptest_paths_agree(qi in 0usize..5, rows in 1usize..9, nb in 1usize..5, n in 1usize..12, seed in any::<u64>()) {
             let q = ALL[qi];
             let cols = nb * q.block_elems();
             let w = random_blocks(q, rows * nb, seed);

@@ -401,9 +401,16 @@ fn drive_quant_many(
         let r_end = (r_begin + block).min(rows);
         #[cfg(target_arch = "x86_64")]
         if wide {
-            let mut res = [0f32; quant_x86::R512 * quant_x86::T512];
-            for t0 in (0..n_tokens).step_by(quant_x86::T512) {
-                let tn = quant_x86::T512.min(n_tokens - t0);
+            let mut res = [0f32; quant_x86::R512 * quant_x86::TK512];
+            let mut t0 = 0;
+            while t0 < n_tokens {
+                // Token tiles: the K types take eight at a time where eight are left.
+                let left = n_tokens - t0;
+                let tn = if q.is_k() && left >= quant_x86::TK512 {
+                    quant_x86::TK512
+                } else {
+                    quant_x86::T512.min(left)
+                };
                 for r0 in (r_begin..r_end).step_by(quant_x86::R512) {
                     let rn = quant_x86::R512.min(r_end - r0);
                     let ws = &w[r0 * row_bytes..(r0 + rn) * row_bytes];
@@ -425,6 +432,7 @@ fn drive_quant_many(
                         }
                     }
                 }
+                t0 += tn;
             }
             return;
         }

@@ -383,6 +383,9 @@ pub(super) fn has_vnni512() -> bool {
 pub(super) const R512: usize = 4;
 /// See [`R512`].
 pub(super) const T512: usize = 4;
+/// Widest token tile of [`tile_k_512`]: the K types' per-row work (scales, unpacking) is shared
+/// by more tokens, and their sums are reduced through memory, not held in registers.
+pub(super) const TK512: usize = 8;
 
 /// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
 /// (`row_bytes` apart) and `tn` (1..=[`T512`]) tokens, for `Q8_0` or `Q4_0` weights.
@@ -592,11 +595,12 @@ unsafe fn reduce4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
 }
 
 /// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
-/// (`row_bytes` apart) and `tn` (1..=[`T512`]) tokens, for the K types (`Q4_K`, `Q5_K`,
-/// `Q6_K`).
+/// (`row_bytes` apart) and `tn` (1..=[`T512`], or [`TK512`]) tokens, for the K types (`Q4_K`,
+/// `Q5_K`, `Q6_K`).
 ///
 /// Per 256-block and (row, token) the exact integers `S` and `M` of the reference are built in
-/// 512-bit registers (64 elements per `vpmaddubsw` + `vpdpwssd` with the sub-block scales; for
+/// 512-bit registers (64 elements per two `vpdpbusd`, halves packed, one `vpdpwssd` with the
+/// sub-block scales; for
 /// `Q6_K` the `-32` offset folded in as `-32 * sum(sc * sums16)`), reduced four (row, token) pairs
 /// at a time, and the two fused multiply-adds of [`k_accumulate`] run on four pairs at once
 /// with 128-bit float vectors, lane `b % 4` kept apart as in the reference, then folded as in
@@ -620,7 +624,7 @@ pub(super) unsafe fn tile_k_512(
     assert!(q.is_k(), "K types only");
     assert_eq!(Some(row_bytes), q.row_bytes(acts.cols), "row size");
     assert!(
-        (1..=R512).contains(&rn) && (1..=T512).contains(&tn),
+        (1..=R512).contains(&rn) && (tn <= T512 || tn == TK512) && tn > 0,
         "tile shape"
     );
     assert!(w.len() >= rn * row_bytes, "rows");
@@ -656,7 +660,8 @@ pub(super) unsafe fn tile_k_512(
             1 => rows!(1),
             2 => rows!(2),
             3 => rows!(3),
-            _ => rows!(4),
+            4 => rows!(4),
+            _ => rows!(8),
         }
     }
 }
@@ -718,13 +723,19 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
         let shl_a = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
         let shr_b = _mm512_inserti64x4::<1>(_mm512_set1_epi16(0), _mm256_set1_epi16(2));
         // Float lanes: acc[g][b % 4], lane i of group g = pair 4g + i.
-        let mut acc = [[_mm_setzero_ps(); 4]; R512 * T512 / 4];
+        let mut acc = [[_mm_setzero_ps(); 4]; R512 * TK512 / 4];
         for b in 0..nb {
             let mut s = [[zero; N]; R];
-            let mut mv = [[zero; N]; R];
+            // Each row's minimums as 16-bit lanes (Q4_K/Q5_K); their products with the tokens'
+            // sums are formed where they are reduced, so they never occupy registers across
+            // the row loop.
+            let mut mn16r = [_mm256_setzero_si256(); R];
             let mut dr = [0f32; R];
             let mut dmr = [0f32; R];
             for r in 0..R {
+                // This row's sums, in registers while its block is consumed (an array indexed by
+                // the row would live in memory: a load and a store per update).
+                let mut sr = [zero; N];
                 let blk = w.add(r * row_bytes + b * bb);
                 // As in `t32_512`: the same block of the next tile's rows.
                 let pf = blk.wrapping_add(R * row_bytes);
@@ -758,7 +769,7 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                             let pb =
                                 _mm512_dpbusd_epi32(zero, vb, _mm512_loadu_si512(x.add(64).cast()));
                             let p = _mm512_packs_epi32(pa, pb);
-                            s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
+                            sr[t] = _mm512_dpwssd_epi32(sr[t], p, scv);
                         }
                     }
                     // The -32 offset: S -= 32 * sum_j sc_j * sums16_j (exact).
@@ -766,7 +777,7 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                         let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
                         let off = _mm256_madd_epi16(_mm512_castsi512_si256(sc16), sv);
                         let off = _mm512_slli_epi32::<5>(_mm512_zextsi256_si512(off));
-                        s[r][t] = _mm512_sub_epi32(s[r][t], off);
+                        sr[t] = _mm512_sub_epi32(sr[t], off);
                     }
                 } else {
                     dr[r] = f16_at(blk);
@@ -814,14 +825,12 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                                 _mm512_loadu_si512(x.add(64).cast()),
                             );
                             let p = _mm512_packs_epi32(pa, pb);
-                            s[r][t] = _mm512_dpwssd_epi32(s[r][t], p, scv);
+                            sr[t] = _mm512_dpwssd_epi32(sr[t], p, scv);
                         }
                     }
-                    for t in 0..N {
-                        let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
-                        mv[r][t] = _mm512_zextsi256_si512(_mm256_madd_epi16(mn16, sv));
-                    }
+                    mn16r[r] = mn16;
                 }
+                s[r] = sr;
             }
             // Reduce and accumulate four pairs at a time.
             for g in 0..groups {
@@ -850,7 +859,17 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 let mt = if K == 2 {
                     _mm_setzero_si128()
                 } else {
-                    reduce4(pick!(mv, 0), pick!(mv, 1), pick!(mv, 2), pick!(mv, 3))
+                    let m = |i: usize| {
+                        let p = 4 * g + i;
+                        if p < R * N {
+                            let t = p % N;
+                            let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
+                            _mm512_zextsi256_si512(_mm256_madd_epi16(mn16r[p / N], sv))
+                        } else {
+                            zero
+                        }
+                    };
+                    reduce4(m(0), m(1), m(2), m(3))
                 };
                 *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
             }
