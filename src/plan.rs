@@ -171,11 +171,13 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
 pub(crate) struct RpcFigures {
     /// `grpc` or `quic`.
     pub transport: String,
-    /// Median round trip of a one-row request to one worker, minus that row's compute, us.
+    /// What sending one decode layer's rows (one token, top-k experts) to one worker adds to
+    /// computing them in-process (medians), less their bytes at `per_kb_us`, us.
     pub overhead_us: f64,
-    /// What each further worker contacted in the same layer adds, us.
+    /// What each further worker contacted in the same layer adds (the same rows split over two
+    /// workers on one host, against one worker), less the bytes it adds, us.
     pub per_worker_us: f64,
-    /// What each KB of request and reply adds, us.
+    /// What each KB of request and reply adds (a 32-token request against a one-token one), us.
     pub per_kb_us: f64,
 }
 
@@ -303,8 +305,18 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
             tracing::info!(quant = %q, ?r, "forward-pass rates");
             rates.insert(q.clone(), r);
         }
-        for t in a.rpc.iter().filter(|t| *t != "none") {
-            rpc.push(measure_rpc(m, t).with_context(|| format!("measuring {t} dispatches"))?);
+        let transports: Vec<&str> = a
+            .rpc
+            .iter()
+            .map(String::as_str)
+            .filter(|t| *t != "none")
+            .collect();
+        if !transports.is_empty() {
+            // What a dispatch adds to the compute hardly depends on the weights' format (the
+            // compute itself is subtracted): measured in the first format listed.
+            let q = a.quant.first().map_or("bf16", String::as_str);
+            rpc = measure_rpc(m, q, &transports)
+                .with_context(|| format!("measuring {} dispatches", transports.join(", ")))?;
         }
     }
     Ok(Calibration {
@@ -442,9 +454,10 @@ fn measure_rates(
     })
 }
 
-/// A config of `hidden` width with two tiny experts and one layer: requests of a real decode
-/// step's size whose compute is negligible.
-fn rpc_probe_config(hidden: u64) -> String {
+/// A config of `hidden` width with `experts` experts of `inter` width in one layer, `top_k` of
+/// them a token, and a tiny dense part: requests shaped like one decode layer of the model
+/// being calibrated.
+fn rpc_probe_config(hidden: u64, inter: u64, experts: u64, top_k: u64) -> String {
     serde_json::json!({
         "model_type": "qwen3_moe",
         "hidden_size": hidden,
@@ -453,9 +466,9 @@ fn rpc_probe_config(hidden: u64) -> String {
         "num_key_value_heads": 1,
         "head_dim": 32,
         "intermediate_size": 32,
-        "moe_intermediate_size": 32,
-        "num_experts": 2,
-        "num_experts_per_tok": 1,
+        "moe_intermediate_size": inter,
+        "num_experts": experts,
+        "num_experts_per_tok": top_k,
         "vocab_size": 64,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
@@ -466,60 +479,128 @@ fn rpc_probe_config(hidden: u64) -> String {
     .to_string()
 }
 
-/// Median time of `n` one-layer dispatches of `rows` on `backend`, seconds.
-fn dispatch_s(
-    backend: &dyn ExpertBackend,
+/// The probe's experts: `top_k` times `sets`. Probe step `i` sends every token to the experts
+/// `s, s + sets, s + 2 sets, ...` with `s = i % sets`: spread over the whole layer (so each
+/// worker of a split gets rows, as a real token's experts do) and, step after step, over more
+/// bytes than the caches hold (as a decode step's experts, cold in memory).
+#[derive(Clone, Copy, Debug)]
+struct ProbeShape {
     hidden: usize,
-    tokens: usize,
-    rows: &[ExpertRow],
-    n: usize,
-) -> Result<f64> {
-    let x: Vec<f32> = (0..hidden * tokens)
-        .map(|i| (i % 17) as f32 * 0.01)
-        .collect();
-    for _ in 0..10 {
-        backend.dispatch(0, &x, rows)?.wait()?;
-    }
-    let mut t = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t0 = Instant::now();
-        backend.dispatch(0, &x, rows)?.wait()?;
-        t.push(t0.elapsed().as_secs_f64());
-    }
-    Ok(median(t))
+    inter: usize,
+    top_k: usize,
+    sets: usize,
 }
 
-/// The dispatch overhead of `transport`: one-row requests to one and to two real local worker
-/// processes, minus the same rows computed in this process.
-fn measure_rpc(model_path: &Path, transport: &str) -> Result<RpcFigures> {
-    let shape = ModelShape::from_config_json(&config_text(model_path)?)?;
-    let dir = std::env::temp_dir().join(format!("moeshard-rpc-probe-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let cfg = dir.join("config.json");
-    let result = (|| {
-        std::fs::write(&cfg, rpc_probe_config(shape.hidden))
-            .with_context(|| format!("writing {}", cfg.display()))?;
-        let h = shape.hidden as usize;
-        let row = |e| ExpertRow {
-            token: 0,
-            expert: e,
-            weight: 1.0,
-        };
-        let one = [row(0)];
-        let two = [row(0), row(1)];
-        // A prefill-sized request: 32 tokens, each through expert 0 (4 + 4 bytes a value moved
-        // per row, 12 of routing).
-        let big_tokens = 32;
-        let big: Vec<ExpertRow> = (0..big_tokens)
-            .map(|t| ExpertRow {
-                token: t,
-                expert: 0,
-                weight: 1.0,
+impl ProbeShape {
+    /// Bytes of expert weights the sets of the probe span at least (when the model has that
+    /// many experts), so a step's experts come from memory rather than the caches.
+    const SPAN_BYTES: f64 = 128e6;
+
+    fn new(shape: &ModelShape, q: Quant) -> Self {
+        let hidden = shape.hidden.max(1);
+        let top_k = shape.top_k.clamp(1, shape.experts.max(1)) as usize;
+        // The expert's width, rounded to whole blocks of the block-quantized formats.
+        let inter = (shape.expert_params / (3 * hidden))
+            .max(1)
+            .next_multiple_of(256) as usize;
+        let set_bytes =
+            top_k as f64 * 3.0 * (hidden as usize * inter) as f64 * q.bytes_per_weight();
+        let sets = ((Self::SPAN_BYTES / set_bytes).ceil() as usize)
+            .clamp(2, 8)
+            .min((shape.experts as usize / top_k).max(1));
+        ProbeShape {
+            hidden: hidden as usize,
+            inter,
+            top_k,
+            sets,
+        }
+    }
+
+    fn experts(&self) -> usize {
+        self.top_k * self.sets
+    }
+
+    /// Rows of `tokens` tokens at probe step `step`.
+    fn rows(&self, step: usize, tokens: usize) -> Vec<ExpertRow> {
+        let s = step % self.sets;
+        (0..tokens as u32)
+            .flat_map(|token| {
+                (0..self.top_k).map(move |j| ExpertRow {
+                    token,
+                    expert: (s + j * self.sets) as u32,
+                    weight: 1.0 / self.top_k as f32,
+                })
             })
-            .collect();
-        let big_kb = (big_tokens as usize * (8 * h + 12)) as f64 / 1e3;
-        let small_kb = (8 * h + 12) as f64 / 1e3;
-        let args = |workers| ClusterArgs {
+            .collect()
+    }
+
+    /// KB a dispatch of `tokens` tokens to `workers` workers moves (as the planner counts them:
+    /// each token's hidden state to each worker, each row's output back, 12 bytes of routing a
+    /// row).
+    fn kb(&self, tokens: usize, workers: usize) -> f64 {
+        let h = self.hidden as f64;
+        ((tokens * workers) as f64 * 4.0 * h + (tokens * self.top_k) as f64 * (12.0 + 4.0 * h))
+            / 1e3
+    }
+}
+
+/// Seconds of one dispatch-and-wait of the probe's step `step` on `backend`.
+fn time_dispatch(
+    backend: &dyn ExpertBackend,
+    p: &ProbeShape,
+    step: usize,
+    tokens: usize,
+) -> Result<f64> {
+    let x: Vec<f32> = (0..p.hidden * tokens)
+        .map(|i| ((i + step) % 17) as f32 * 0.01 - 0.08)
+        .collect();
+    let rows = p.rows(step, tokens);
+    let t0 = Instant::now();
+    backend.dispatch(0, &x, &rows)?.wait()?;
+    Ok(t0.elapsed().as_secs_f64())
+}
+
+/// Probe steps timed per backend for the decode-shaped figures, and for the per-KB one.
+const RPC_DECODE_STEPS: usize = 240;
+const RPC_BYTES_STEPS: usize = 100;
+/// Tokens of the request that shows what bytes cost.
+const RPC_BIG_TOKENS: usize = 32;
+
+/// The dispatch costs of each of `transports`, as decode pays them: a decode layer's rows (one
+/// token through the model's top-k experts, at its widths, in weight format `quant`) sent to one
+/// and to two real local worker processes, against the same rows computed in this process;
+/// steps alternate between the hosts (so all see the same machine) and run on a pool thread, as
+/// the forward pass dispatches. What bytes cost comes from requests through one tiny expert
+/// (compute negligible) of one token and of 32 tokens.
+fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Vec<RpcFigures>> {
+    let shape = ModelShape::from_config_json(&config_text(model_path)?)?;
+    let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
+    let p = ProbeShape::new(&shape, q);
+    let tiny = ProbeShape {
+        inter: 32,
+        top_k: 1,
+        sets: 2,
+        ..p
+    };
+    tracing::info!(?p, quant, "measuring dispatch costs");
+    let dir = std::env::temp_dir().join(format!("moeshard-rpc-probe-{}", std::process::id()));
+    let result = (|| {
+        let write = |name: &str, s: &ProbeShape| -> Result<PathBuf> {
+            let d = dir.join(name);
+            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+            let cfg = d.join("config.json");
+            let text = rpc_probe_config(
+                s.hidden as u64,
+                s.inter as u64,
+                s.experts() as u64,
+                s.top_k as u64,
+            );
+            std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
+            Ok(cfg)
+        };
+        let decode_cfg = write("decode", &p)?;
+        let bytes_cfg = write("bytes", &tiny)?;
+        let args = |workers, transport: &str, quantize: bool| ClusterArgs {
             local_workers: workers,
             transport: transport.to_string(),
             synthetic: SyntheticArgs {
@@ -527,34 +608,80 @@ fn measure_rpc(model_path: &Path, transport: &str) -> Result<RpcFigures> {
                 layers: None,
                 synthetic_seed: 0,
             },
+            // The experts only: the probe's tiny dense part need not fit any block size.
+            quant: QuantArgs {
+                quantize: (quantize && q != Quant::Bf16).then(|| quant.to_string()),
+                quantize_all: false,
+            },
             rpc_timeout: 30.0,
             connect_timeout: 10.0,
             replicas: 1,
             ..ClusterArgs::default()
         };
-        let local = crate::cluster::load(&cfg, &args(0))?;
-        let c1 = dispatch_s(local.experts.as_ref(), h, 1, &one, 200)?;
-        let cb = dispatch_s(local.experts.as_ref(), h, big_tokens as usize, &big, 100)?;
-        drop(local);
-        let w1 = crate::cluster::load(&cfg, &args(1))?;
-        let r1 = dispatch_s(w1.experts.as_ref(), h, 1, &one, 300)?;
-        let rb = dispatch_s(w1.experts.as_ref(), h, big_tokens as usize, &big, 100)?;
-        drop(w1);
-        let w2 = crate::cluster::load(&cfg, &args(2))?;
-        let r2 = dispatch_s(w2.experts.as_ref(), h, 1, &two, 300)?;
-        drop(w2);
-        // One row each: the round trip less the compute is the fixed cost of a dispatch; two
-        // workers (one row each, computed side by side) show what a further worker adds; the
-        // large request what its bytes add.
-        let per_kb = ((rb - cb) - (r1 - c1)).max(0.0) / (big_kb - small_kb);
-        let overhead = (r1 - c1 - small_kb * per_kb).max(0.0);
-        let per_worker = (r2 - c1 - overhead - 2.0 * small_kb * per_kb).max(0.0);
-        Ok(RpcFigures {
-            transport: transport.to_string(),
-            overhead_us: overhead * 1e6,
-            per_worker_us: per_worker * 1e6,
-            per_kb_us: per_kb * 1e6,
-        })
+        let local = crate::cluster::load(&decode_cfg, &args(0, "grpc", true))?;
+        let local_tiny = crate::cluster::load(&bytes_cfg, &args(0, "grpc", false))?;
+        let mut out = Vec::new();
+        for &t in transports {
+            let w1 = crate::cluster::load(&decode_cfg, &args(1, t, true))?;
+            let w2 = crate::cluster::load(&decode_cfg, &args(2, t, true))?;
+            let w1_tiny = crate::cluster::load(&bytes_cfg, &args(1, t, false))?;
+            let hosts = [
+                local.experts.as_ref(),
+                w1.experts.as_ref(),
+                w2.experts.as_ref(),
+            ];
+            let tiny_hosts = [local_tiny.experts.as_ref(), w1_tiny.experts.as_ref()];
+            let m = rayon::scope(|_| -> Result<[f64; 7]> {
+                // Every expert once on each host before timing.
+                for step in 0..2 * p.sets {
+                    for h in hosts {
+                        time_dispatch(h, &p, step, 1)?;
+                    }
+                    for h in tiny_hosts {
+                        time_dispatch(h, &tiny, step, RPC_BIG_TOKENS)?;
+                    }
+                }
+                let mut v: [Vec<f64>; 7] = Default::default();
+                for step in 0..RPC_DECODE_STEPS {
+                    for (i, h) in hosts.into_iter().enumerate() {
+                        v[i].push(time_dispatch(h, &p, step, 1)?);
+                    }
+                }
+                for step in 0..RPC_BYTES_STEPS {
+                    for (i, h) in tiny_hosts.into_iter().enumerate() {
+                        v[3 + i].push(time_dispatch(h, &tiny, step, 1)?);
+                        v[5 + i].push(time_dispatch(h, &tiny, step, RPC_BIG_TOKENS)?);
+                    }
+                }
+                Ok(v.map(median))
+            })?;
+            drop((w1, w2, w1_tiny));
+            let [c, r1, r2, cs, rs, cb, rb] = m;
+            tracing::info!(
+                transport = t,
+                local_us = c * 1e6,
+                one_worker_us = r1 * 1e6,
+                two_workers_us = r2 * 1e6,
+                bytes_small = ?(cs * 1e6, rs * 1e6),
+                bytes_big = ?(cb * 1e6, rb * 1e6),
+                "dispatch probe"
+            );
+            // What one worker adds to computing the same rows here is the dispatch cost of a
+            // decode layer, of which its bytes take `per_kb`; the second worker (the same rows
+            // split over two, computed on the same cores) shows what a further worker contacted
+            // adds beyond its bytes.
+            let per_kb =
+                ((rb - cb) - (rs - cs)).max(0.0) / (tiny.kb(RPC_BIG_TOKENS, 1) - tiny.kb(1, 1));
+            let overhead = (r1 - c - p.kb(1, 1) * per_kb).max(0.0);
+            let per_worker = (r2 - r1 - (p.kb(1, 2) - p.kb(1, 1)) * per_kb).max(0.0);
+            out.push(RpcFigures {
+                transport: t.to_string(),
+                overhead_us: overhead * 1e6,
+                per_worker_us: per_worker * 1e6,
+                per_kb_us: per_kb * 1e6,
+            });
+        }
+        Ok(out)
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -600,4 +727,92 @@ fn loopback_rtt_us(size: usize, rounds: usize) -> Result<f64> {
         .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(hidden: u64, inter: u64, experts: u64, top_k: u64) -> ModelShape {
+        let text = rpc_probe_config(hidden, inter, experts, top_k);
+        ModelShape::from_config_json(&text).expect("a probe config parses")
+    }
+
+    #[test]
+    fn the_probe_is_a_decode_layer_of_the_model() {
+        // The #5 benchmark model: hidden 1024, 64 experts of width 512, top-8.
+        let s = shape(1024, 512, 64, 8);
+        let p = ProbeShape::new(&s, Quant::Q8_0);
+        assert_eq!((p.hidden, p.inter, p.top_k), (1024, 512, 8));
+        // 8 experts of 1.6 MB in q8_0 a step: 8 sets span over 100 MB, more than any cache.
+        assert_eq!(p.sets, 8);
+        assert_eq!(p.experts(), 64);
+        // Its own config describes the same experts.
+        let own = shape(1024, 512, p.experts() as u64, 8);
+        assert_eq!(own.expert_params, s.expert_params);
+        assert_eq!(own.top_k, 8);
+        // Big experts need fewer sets, never fewer than two; few experts cap them.
+        let big = ProbeShape::new(&shape(4096, 1536, 128, 8), Quant::Q8_0);
+        assert_eq!(big.sets, 2);
+        let few = ProbeShape::new(&shape(4096, 1536, 8, 2), Quant::Bf16);
+        assert_eq!((few.top_k, few.sets), (2, 2));
+        let few = ProbeShape::new(&shape(1024, 512, 24, 8), Quant::Q4_K);
+        assert_eq!((few.top_k, few.sets), (8, 3));
+        let one_set = ProbeShape::new(&shape(64, 32, 5, 4), Quant::Bf16);
+        assert_eq!(one_set.sets, 1);
+        // Widths that are not whole blocks are rounded up to them.
+        assert_eq!(
+            ProbeShape::new(&shape(64, 32, 8, 2), Quant::Q4_K).inter,
+            256
+        );
+    }
+
+    #[test]
+    fn probe_steps_reach_every_expert_and_both_halves_of_a_split() {
+        let p = ProbeShape {
+            hidden: 16,
+            inter: 256,
+            top_k: 8,
+            sets: 4,
+        };
+        let mut seen = vec![0usize; p.experts()];
+        for step in 0..p.sets {
+            let rows = p.rows(step, 1);
+            assert_eq!(rows.len(), p.top_k);
+            let mut experts: Vec<u32> = rows.iter().map(|r| r.expert).collect();
+            experts.dedup();
+            assert_eq!(experts.len(), p.top_k, "distinct experts a token");
+            // Workers hold contiguous blocks: a step's rows go to both halves.
+            let half = p.experts() as u32 / 2;
+            assert!(experts.iter().any(|&e| e < half) && experts.iter().any(|&e| e >= half));
+            for e in experts {
+                seen[e as usize] += 1;
+            }
+            assert!(rows.iter().all(|r| r.token == 0 && r.weight == 0.125));
+        }
+        assert!(
+            seen.iter().all(|&n| n == 1),
+            "each expert once a round: {seen:?}"
+        );
+        // Several tokens: each through the same experts.
+        let rows = p.rows(1, 3);
+        assert_eq!(rows.len(), 24);
+        assert_eq!(rows[8].token, 1);
+        assert_eq!(rows[8].expert, rows[0].expert);
+    }
+
+    #[test]
+    fn probe_bytes_count_like_the_planner() {
+        let p = ProbeShape {
+            hidden: 1024,
+            inter: 512,
+            top_k: 8,
+            sets: 8,
+        };
+        // One token to one worker: its hidden state out, eight rows back with their routing.
+        assert_eq!(p.kb(1, 1), (4096.0 + 8.0 * (12.0 + 4096.0)) / 1e3);
+        // A second worker gets the token's hidden state too.
+        assert!((p.kb(1, 2) - p.kb(1, 1) - 4.096).abs() < 1e-9);
+        assert!((p.kb(32, 1) - 32.0 * p.kb(1, 1)).abs() < 1e-9);
+    }
 }

@@ -119,3 +119,68 @@ fn new_architectures_run_from_a_bare_config() {
     ]);
     assert!(!ok && err.contains("gpt_oss"), "{err}");
 }
+
+#[test]
+fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
+    let cfg = fixture("qwen3_moe_tiny").join("config.json");
+    let cfg = cfg.to_str().unwrap();
+    let common = [
+        "calibrate",
+        "--name",
+        "probe-node",
+        "--model",
+        cfg,
+        "--quant",
+        "bf16",
+        "--rpc",
+        "grpc,quic",
+        "--bytes",
+        "4194304",
+        "--decode-tokens",
+        "8",
+        "--prefill-tokens",
+        "16",
+    ];
+    let (ok, out, err) = run(&[&common[..], &["--json"]].concat());
+    assert!(ok, "{err}");
+    let c: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let rpc = c["rpc"].as_array().unwrap();
+    let transports: Vec<&str> = rpc
+        .iter()
+        .map(|r| r["transport"].as_str().unwrap())
+        .collect();
+    assert_eq!(transports, ["grpc", "quic"]);
+    for r in rpc {
+        for k in ["overhead_us", "per_worker_us", "per_kb_us"] {
+            let v = r[k].as_f64().unwrap_or_else(|| panic!("{k} in {r}"));
+            // Figures of real round trips: never negative, never absurd on loopback.
+            assert!(v.is_finite() && (0.0..1e6).contains(&v), "{k} = {v} in {r}");
+        }
+    }
+    assert!(c["rates"]["bf16"]["expert_gbs"].as_f64().unwrap() > 0.0);
+    // The node entry and link written as TOML plan the model.
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("cluster.toml");
+    let (ok, _, err) = run(&[&common[..], &["--out", toml.to_str().unwrap()]].concat());
+    assert!(ok, "{err}");
+    let text = std::fs::read_to_string(&toml).unwrap();
+    assert!(text.contains("name = \"probe-node\""), "{text}");
+    assert!(text.contains("[node.rates.bf16]"), "{text}");
+    assert!(
+        text.contains("overhead_us = ") && text.contains("per_worker_us = "),
+        "{text}"
+    );
+    let (ok, out, err) = run(&[
+        "plan",
+        "--model",
+        cfg,
+        "--cluster",
+        toml.to_str().unwrap(),
+        "--quant",
+        "bf16",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(p["decode_tok_s"].as_f64().unwrap() > 0.0, "{p}");
+}

@@ -519,13 +519,15 @@ pub struct LinkSpec {
     pub bandwidth_gbps: f64,
     /// Round-trip time in microseconds.
     pub rtt_us: f64,
-    /// Software cost of one dispatch (encode, send, decode, wake), microseconds. `moeshard
-    /// calibrate` measures it as the loopback round trip of a one-row request to a real worker
-    /// minus that row's compute; `rtt_us` is then what the network adds to it.
+    /// Software cost of one dispatch (encode, send, decode, the wake-ups of the threads on both
+    /// sides), microseconds. `moeshard calibrate` measures it as what sending a decode layer's
+    /// rows (one token through the top-k experts, at the model's widths) to a real local worker
+    /// adds to computing the same rows in-process, less their bytes at `per_kb_us`; `rtt_us` is
+    /// then what the network adds to it.
     #[serde(default = "default_overhead")]
     pub overhead_us: f64,
     /// Added cost of each further worker contacted in the same layer, microseconds (measured by
-    /// `moeshard calibrate` with two local workers; mostly the CPU of one more request).
+    /// `moeshard calibrate` as the same decode rows split over two local workers against one).
     #[serde(default)]
     pub per_worker_us: f64,
     /// Software cost of each KB a dispatch moves (request plus reply: encoding, encryption,
