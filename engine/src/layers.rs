@@ -65,6 +65,40 @@ impl Linear {
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
         let mut y = vec![0f32; n * self.out_dim];
         kernels::matmul(self.weight.mat(), self.out_dim, self.in_dim, x, n, &mut y);
+        self.add_bias(&mut y);
+        y
+    }
+
+    /// Several layers of the same input width over the same `n` rows of `x`, the quantized ones
+    /// of one type in one pass ([`kernels::matmul_many`]): the same values as
+    /// [`Linear::forward`] of each.
+    ///
+    /// # Panics
+    /// When the layers' input widths differ (or as [`kernels::matmul`]).
+    pub fn forward_many(layers: &[&Linear], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        let Some(first) = layers.first() else {
+            return Vec::new();
+        };
+        let cols = first.in_dim;
+        assert!(
+            layers.iter().all(|l| l.in_dim == cols),
+            "forward_many: input widths differ"
+        );
+        let mut ys: Vec<Vec<f32>> = layers.iter().map(|l| vec![0f32; n * l.out_dim]).collect();
+        let mut jobs: Vec<(crate::tensor::Mat<'_>, usize, &mut [f32])> = layers
+            .iter()
+            .zip(ys.iter_mut())
+            .map(|(l, y)| (l.weight.mat(), l.out_dim, y.as_mut_slice()))
+            .collect();
+        kernels::matmul_many(&mut jobs, cols, x, n);
+        drop(jobs);
+        for (l, y) in layers.iter().zip(&mut ys) {
+            l.add_bias(y);
+        }
+        ys
+    }
+
+    fn add_bias(&self, y: &mut [f32]) {
         if let Some(b) = &self.bias {
             for row in y.chunks_exact_mut(self.out_dim) {
                 for (v, bb) in row.iter_mut().zip(b) {
@@ -72,7 +106,6 @@ impl Linear {
                 }
             }
         }
-        y
     }
 }
 

@@ -629,6 +629,59 @@ mod quantized {
         }
     }
 
+    /// Query, key and value projections of mixed formats (two of one quantized type, one of
+    /// another, one float) in one call: the same bits as one product each, on any thread count.
+    #[test]
+    fn many_products_equal_one_each() {
+        let cols = 512;
+        for &n in &[1usize, 3, 9] {
+            let x = acts(n * cols, 21);
+            let (wq, wk) = (
+                random_blocks(QType::Q4_K, 64 * cols / 256, 5),
+                random_blocks(QType::Q4_K, 16 * cols / 256, 6),
+            );
+            let wv = random_blocks(QType::Q6_K, 16 * cols / 256, 7);
+            let wf = acts(8 * cols, 8);
+            let mats = [
+                (Mat::Quant(QType::Q4_K, &wq), 64),
+                (Mat::Quant(QType::Q6_K, &wv), 16),
+                (Mat::F32(&wf), 8),
+                (Mat::Quant(QType::Q4_K, &wk), 16),
+            ];
+            let want: Vec<Vec<f32>> = mats
+                .iter()
+                .map(|&(w, rows)| {
+                    let mut y = vec![0f32; rows * n];
+                    kernels::matmul(w, rows, cols, &x, n, &mut y);
+                    y
+                })
+                .collect();
+            for threads in [1, 2, 3] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut got: Vec<Vec<f32>> = mats.iter().map(|&(_, r)| vec![0f32; r * n]).collect();
+                pool.install(|| {
+                    let mut jobs: Vec<(Mat<'_>, usize, &mut [f32])> = mats
+                        .iter()
+                        .zip(got.iter_mut())
+                        .map(|(&(w, rows), y)| (w, rows, y.as_mut_slice()))
+                        .collect();
+                    kernels::matmul_many(&mut jobs, cols, &x, n);
+                });
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(
+                        bits(g),
+                        bits(w),
+                        "matrix {k}, {n} tokens, {threads} threads"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn gate_up_pair_equals_two_products() {
         for q in ALL {

@@ -460,9 +460,8 @@ fn drive_quant_many(
     }
 }
 
-/// `out1 = W1 x` and `out2 = W2 x` (each like [`matmul`], both `[rows, cols]`): when both are
-/// quantized to the same type the activations are quantized once and both matrices share one
-/// parallel loop; the results are the same bits as two [`matmul`] calls.
+/// `out1 = W1 x` and `out2 = W2 x` (each like [`matmul`], both `[rows, cols]`): see
+/// [`matmul_many`].
 ///
 /// # Panics
 /// As [`matmul`].
@@ -477,31 +476,53 @@ pub fn matmul_pair(
     out1: &mut [f32],
     out2: &mut [f32],
 ) {
+    matmul_many(&mut [(w1, rows, out1), (w2, rows, out2)], cols, x, n_tokens);
+}
+
+/// `out_k = W_k x` for several matrices `[rows_k, cols]` over the same activations (each like
+/// [`matmul`]): the ones quantized to the same type share one quantization of the activations
+/// and one parallel loop (an expert's gate and up projections; attention's query, key and value
+/// projections). The results are the same bits as one [`matmul`] each.
+///
+/// # Panics
+/// As [`matmul`].
+pub fn matmul_many(
+    jobs: &mut [(Mat<'_>, usize, &mut [f32])],
+    cols: usize,
+    x: &[f32],
+    n_tokens: usize,
+) {
     let path = best_path();
-    match (w1, w2) {
-        (Mat::Quant(q1, b1), Mat::Quant(q2, b2)) if q1 == q2 => {
-            for (b, o) in [(b1, &*out1), (b2, &*out2)] {
-                assert_eq!(
-                    Some(b.len()),
-                    q1.row_bytes(cols).and_then(|r| r.checked_mul(rows)),
-                    "weight size"
-                );
-                assert_eq!(Some(o.len()), n_tokens.checked_mul(rows), "output size");
+    assert_eq!(Some(x.len()), n_tokens.checked_mul(cols), "activation size");
+    let mut done = vec![false; jobs.len()];
+    for i in 0..jobs.len() {
+        if done[i] {
+            continue;
+        }
+        let Mat::Quant(q, _) = jobs[i].0 else {
+            let (w, rows, out) = &mut jobs[i];
+            matmul_with(path, *w, *rows, cols, x, n_tokens, out);
+            done[i] = true;
+            continue;
+        };
+        check_path(path);
+        let mut group: Vec<(&[u8], usize, &mut [f32])> = Vec::new();
+        for (k, (w, rows, out)) in jobs.iter_mut().enumerate() {
+            match *w {
+                Mat::Quant(qk, b) if qk == q && !done[k] => {
+                    assert_eq!(
+                        Some(b.len()),
+                        q.row_bytes(cols).and_then(|r| r.checked_mul(*rows)),
+                        "weight size"
+                    );
+                    assert_eq!(Some(out.len()), n_tokens.checked_mul(*rows), "output size");
+                    group.push((b, *rows, &mut **out));
+                    done[k] = true;
+                }
+                _ => {}
             }
-            assert_eq!(Some(x.len()), n_tokens.checked_mul(cols), "activation size");
-            drive_quant_many(
-                path,
-                q1,
-                cols,
-                x,
-                n_tokens,
-                &mut [(b1, rows, out1), (b2, rows, out2)],
-            );
         }
-        _ => {
-            matmul_with(path, w1, rows, cols, x, n_tokens, out1);
-            matmul_with(path, w2, rows, cols, x, n_tokens, out2);
-        }
+        drive_quant_many(path, q, cols, x, n_tokens, &mut group);
     }
 }
 
