@@ -215,10 +215,18 @@ impl GatedDeltaNet {
             d.conv_kernel,
         );
         let conv_dim = d.conv_dim();
-        let qkv = self.in_proj_qkv.forward(hn, n);
-        let z = self.in_proj_z.forward(hn, n);
-        let b = self.in_proj_b.forward(hn, n);
-        let a = self.in_proj_a.forward(hn, n);
+        let [qkv, z, b, a]: [Vec<f32>; 4] = Linear::forward_many(
+            &[
+                &self.in_proj_qkv,
+                &self.in_proj_z,
+                &self.in_proj_b,
+                &self.in_proj_a,
+            ],
+            hn,
+            n,
+        )
+        .try_into()
+        .expect("four outputs");
         let mut core = vec![0f32; n * nv * dv];
         let rep = nv / nk;
         let q_scale = (dk as f32).sqrt();

@@ -277,8 +277,10 @@ impl Mlp {
 
     /// Applies the MLP to `n` rows of `x`.
     pub fn forward(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let mut g = self.gate_proj.forward(x, n);
-        let u = self.up_proj.forward(x, n);
+        let [mut g, u]: [Vec<f32>; 2] =
+            Linear::forward_many(&[&self.gate_proj, &self.up_proj], x, n)
+                .try_into()
+                .expect("two outputs");
         kernels::silu_mul(&mut g, &u);
         self.down_proj.forward(&g, n)
     }
