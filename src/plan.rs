@@ -561,8 +561,8 @@ fn time_dispatch(
 }
 
 /// Probe steps timed per backend for the decode-shaped figures, and for the per-KB one.
-const RPC_DECODE_STEPS: usize = 240;
-const RPC_BYTES_STEPS: usize = 100;
+const RPC_DECODE_STEPS: usize = 600;
+const RPC_BYTES_STEPS: usize = 150;
 /// Tokens of the request that shows what bytes cost.
 const RPC_BIG_TOKENS: usize = 32;
 
@@ -631,7 +631,9 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
                 w2.experts.as_ref(),
             ];
             let tiny_hosts = [local_tiny.experts.as_ref(), w1_tiny.experts.as_ref()];
-            let m = rayon::scope(|_| -> Result<[f64; 7]> {
+            // Each figure is the median of differences between neighbouring steps, so what else
+            // the machine is doing at the time weighs on both sides of each difference alike.
+            let [one, two, bytes] = rayon::scope(|_| -> Result<[f64; 3]> {
                 // Every expert once on each host before timing.
                 for step in 0..2 * p.sets {
                     for h in hosts {
@@ -641,39 +643,41 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
                         time_dispatch(h, &tiny, step, RPC_BIG_TOKENS)?;
                     }
                 }
-                let mut v: [Vec<f64>; 7] = Default::default();
+                let (mut one, mut two) = (Vec::new(), Vec::new());
                 for step in 0..RPC_DECODE_STEPS {
-                    for (i, h) in hosts.into_iter().enumerate() {
-                        v[i].push(time_dispatch(h, &p, step, 1)?);
-                    }
+                    let c = time_dispatch(hosts[0], &p, step, 1)?;
+                    let r1 = time_dispatch(hosts[1], &p, step, 1)?;
+                    let r2 = time_dispatch(hosts[2], &p, step, 1)?;
+                    one.push(r1 - c);
+                    two.push(r2 - r1);
                 }
+                let mut bytes = Vec::new();
                 for step in 0..RPC_BYTES_STEPS {
-                    for (i, h) in tiny_hosts.into_iter().enumerate() {
-                        v[3 + i].push(time_dispatch(h, &tiny, step, 1)?);
-                        v[5 + i].push(time_dispatch(h, &tiny, step, RPC_BIG_TOKENS)?);
+                    let mut t = [0f64; 4];
+                    for (i, tokens) in [1, RPC_BIG_TOKENS].into_iter().enumerate() {
+                        for (j, h) in tiny_hosts.into_iter().enumerate() {
+                            t[2 * i + j] = time_dispatch(h, &tiny, step, tokens)?;
+                        }
                     }
+                    bytes.push((t[3] - t[2]) - (t[1] - t[0]));
                 }
-                Ok(v.map(median))
+                Ok([median(one), median(two), median(bytes)])
             })?;
             drop((w1, w2, w1_tiny));
-            let [c, r1, r2, cs, rs, cb, rb] = m;
             tracing::info!(
                 transport = t,
-                local_us = c * 1e6,
-                one_worker_us = r1 * 1e6,
-                two_workers_us = r2 * 1e6,
-                bytes_small = ?(cs * 1e6, rs * 1e6),
-                bytes_big = ?(cb * 1e6, rb * 1e6),
+                one_worker_over_local_us = one * 1e6,
+                two_workers_over_one_us = two * 1e6,
+                big_over_small_us = bytes * 1e6,
                 "dispatch probe"
             );
             // What one worker adds to computing the same rows here is the dispatch cost of a
             // decode layer, of which its bytes take `per_kb`; the second worker (the same rows
             // split over two, computed on the same cores) shows what a further worker contacted
             // adds beyond its bytes.
-            let per_kb =
-                ((rb - cb) - (rs - cs)).max(0.0) / (tiny.kb(RPC_BIG_TOKENS, 1) - tiny.kb(1, 1));
-            let overhead = (r1 - c - p.kb(1, 1) * per_kb).max(0.0);
-            let per_worker = (r2 - r1 - (p.kb(1, 2) - p.kb(1, 1)) * per_kb).max(0.0);
+            let per_kb = bytes.max(0.0) / (tiny.kb(RPC_BIG_TOKENS, 1) - tiny.kb(1, 1));
+            let overhead = (one - p.kb(1, 1) * per_kb).max(0.0);
+            let per_worker = (two - (p.kb(1, 2) - p.kb(1, 1)) * per_kb).max(0.0);
             out.push(RpcFigures {
                 transport: t.to_string(),
                 overhead_us: overhead * 1e6,
