@@ -1,6 +1,7 @@
 //! moeshard's engine: tensors, dtypes, kernels, checkpoint formats and the forward pass that the
 //! coordinator and the workers share.
 
+pub(crate) mod attention;
 pub mod config;
 pub mod deltanet;
 pub mod error;

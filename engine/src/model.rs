@@ -9,14 +9,13 @@
 
 use std::path::Path;
 
-use rayon::prelude::*;
-
+use crate::attention::{self, Heads, SeqKv};
 use crate::config::{Arch, MlpKind, ModelConfig, RouterKind};
 use crate::deltanet::GatedDeltaNet;
 use crate::error::{EngineError, Result};
 use crate::experts::{ExpertBackend, ExpertRow};
 use crate::kernels;
-use crate::layers::{Linear, Mlp, Rope, load_vec, rms_norm, sigmoid, softmax_inplace};
+use crate::layers::{Linear, Mlp, Rope, load_vec, rms_norm, sigmoid};
 use crate::mla::MlaAttention;
 use crate::routing::RoutingRule;
 use crate::safetensors::Checkpoint;
@@ -576,66 +575,34 @@ impl Model {
             offset += len;
         }
         let scale = 1.0 / (hd as f32).sqrt();
-        let group = nh / nkv;
         let window = cfg.layer_windows[li];
         let mut out = vec![0f32; n * nh * hd];
-        // Work items: (token row, head); each is independent and computed in a fixed order.
-        let caches: Vec<(&[f32], &[f32], usize)> = seqs
+        let caches: Vec<SeqKv<'_>> = seqs
             .iter()
-            .map(|s| {
-                (
-                    s.cache.k[li].as_slice(),
-                    s.cache.v[li].as_slice(),
-                    s.cache.starts[li],
-                )
+            .zip(&spans)
+            .map(|(s, &(off, len, _))| SeqKv {
+                k: s.cache.k[li].as_slice(),
+                v: s.cache.v[li].as_slice(),
+                start: s.cache.starts[li],
+                rows: off..off + len,
             })
             .collect();
-        let mut items = Vec::with_capacity(n);
-        for (s, &(off, len, _)) in spans.iter().enumerate() {
-            for i in 0..len {
-                items.push((off + i, s));
-            }
-        }
-        let compute = |row: usize, s: usize, o: &mut [f32]| {
-            let (kc, vc, start) = caches[s];
-            let pos = positions[row];
-            // Rows of the cache are positions from `start` on.
-            let at = |j: usize| (j - start) * kvw;
-            let first = match window {
-                Some(w) if pos + 1 > w => pos + 1 - w,
-                _ => 0,
-            };
-            // One more entry for the sink logit, if any (its probability is dropped).
-            let span = pos + 1 - first;
-            let mut scores = vec![0f32; span + usize::from(att.sinks.is_some())];
-            for head in 0..nh {
-                let kvh = head / group;
-                let qh = &q[(row * nh + head) * hd..(row * nh + head + 1) * hd];
-                for (j, sc) in (first..=pos).zip(scores.iter_mut()) {
-                    let kj = &kc[at(j) + kvh * hd..at(j) + (kvh + 1) * hd];
-                    *sc = kernels::dot(qh, kj) * scale;
-                }
-                if let Some(sinks) = &att.sinks {
-                    scores[span] = sinks[head];
-                }
-                softmax_inplace(&mut scores);
-                let oh = &mut o[head * hd..(head + 1) * hd];
-                oh.fill(0.0);
-                for (j, &p) in (first..=pos).zip(scores.iter()) {
-                    kernels::axpy(p, &vc[at(j) + kvh * hd..at(j) + (kvh + 1) * hd], oh);
-                }
-            }
+        let heads = Heads {
+            nh,
+            nkv,
+            hd,
+            scale,
+            window,
+            sinks: att.sinks.as_deref(),
         };
-        let work: usize = items.iter().map(|&(r, _)| positions[r] + 1).sum::<usize>() * nh * hd;
-        if work > 1 << 16 {
-            out.par_chunks_mut(nh * hd)
-                .zip(items.par_iter())
-                .for_each(|(o, &(row, s))| compute(row, s, o));
-        } else {
-            for (o, &(row, s)) in out.chunks_mut(nh * hd).zip(items.iter()) {
-                compute(row, s, o);
-            }
-        }
+        attention::attend(
+            kernels::best_path(),
+            &heads,
+            &q,
+            positions,
+            &caches,
+            &mut out,
+        );
         if let Some(w) = window {
             // The next query (position `total`) sees positions from `total + 1 - w` on.
             for (s, &(_, len, old)) in seqs.iter_mut().zip(&spans) {
