@@ -375,6 +375,9 @@ mod x86 {
     /// AVX2 score tile: keys x queries (2 x 3 x 2 = 12 accumulators + 2 + 1 of 16 ymm).
     const KR256: usize = 2;
     const QT256: usize = 3;
+    /// Rows ahead whose cache lines are prefetched (a decode step reads the cache from memory
+    /// once; without prefetching the key loads wait on it).
+    const PF_ROWS: usize = 8;
     /// Value-sum tiles: queries x column chunks (16 floats for AVX-512, 8 for AVX2).
     const ST512: usize = 4;
     const SD512: usize = 4;
@@ -445,6 +448,9 @@ mod x86 {
         while k < n16 {
             let mut kv = [_mm512_setzero_ps(); R];
             for (r, v) in kv.iter_mut().enumerate() {
+                let ahead = kp.wrapping_add((j0 + r + PF_ROWS) * keys.stride + k);
+                // Prefetching any address is harmless; `wrapping_add` keeps it defined.
+                _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
                 // SAFETY: `(j0 + r) * stride + k + 16 <= (n - 1) * stride + len`, inside `keys`.
                 *v = unsafe { _mm512_loadu_ps(kp.add((j0 + r) * keys.stride + k)) };
             }
@@ -565,6 +571,11 @@ mod x86 {
                 let kh = k + 8 * h;
                 let mut kv = [_mm256_setzero_ps(); R];
                 for (r, v) in kv.iter_mut().enumerate() {
+                    if h == 0 {
+                        let ahead = kp.wrapping_add((j0 + r + PF_ROWS) * keys.stride + k);
+                        // Prefetching any address is harmless; `wrapping_add` keeps it defined.
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                    }
                     // SAFETY: `(j0 + r) * stride + kh + 8 <= (n - 1) * stride + len`.
                     *v = unsafe { _mm256_loadu_ps(kp.add((j0 + r) * keys.stride + kh)) };
                 }
@@ -692,6 +703,9 @@ mod x86 {
                 let j = $j;
                 let mut vv = [_mm512_setzero_ps(); C];
                 for c in 0..C {
+                    let ahead = vp.wrapping_add((j + PF_ROWS) * vals.stride + c0 + 16 * c);
+                    // Prefetching any address is harmless; `wrapping_add` keeps it defined.
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
                     // SAFETY: `j < vals.n`; masked-off lanes are not read.
                     vv[c] = unsafe {
                         _mm512_maskz_loadu_ps(mask[c], vp.add(j * vals.stride + c0 + 16 * c))
@@ -817,6 +831,11 @@ mod x86 {
             ($j:expr, $check:expr) => {{
                 let j = $j;
                 let mut vv = [_mm256_setzero_ps(); C];
+                for c in (0..C).step_by(2) {
+                    let ahead = vp.wrapping_add((j + PF_ROWS) * vals.stride + c0 + 8 * c);
+                    // Prefetching any address is harmless; `wrapping_add` keeps it defined.
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.cast::<i8>());
+                }
                 for c in 0..C {
                     // SAFETY: `j < vals.n` and `c0 + 8 c + 8 <= vals.len`.
                     vv[c] = unsafe { _mm256_loadu_ps(vp.add(j * vals.stride + c0 + 8 * c)) };
