@@ -22,7 +22,7 @@
 
 use rayon::prelude::*;
 
-use crate::kernels::{self, LANES, Path, fold_lanes};
+use crate::kernels::{self, Path};
 use crate::layers::softmax_inplace;
 
 /// `n` rows of `len` floats, row `j` at `data[j * stride..]`.
@@ -367,7 +367,8 @@ mod x86 {
 
     use std::arch::x86_64::*;
 
-    use super::{LANES, Strided, fold_lanes};
+    use super::Strided;
+    use crate::kernels::{LANES, fold_lanes};
 
     /// AVX-512 score tile: keys x queries (16 accumulators + 4 + 1 of the 32 zmm registers).
     const KR512: usize = 4;
