@@ -148,18 +148,24 @@ impl MlaAttention {
             m.kv_lora_rank,
         );
         let qk = nope + rd;
+        // The query's first projection and the compressed key/value projection read the same
+        // input: one pass (one activation quantization and parallel loop per weight type).
+        let first = match &self.q {
+            QueryProj::Plain(p) => p,
+            QueryProj::LowRank { q_a_proj, .. } => q_a_proj,
+        };
+        let [q0, ckv]: [Vec<f32>; 2] =
+            Linear::forward_many(&[first, &self.kv_a_proj_with_mqa], hn, n)
+                .try_into()
+                .expect("two outputs");
         let mut q = match &self.q {
-            QueryProj::Plain(p) => p.forward(hn, n),
+            QueryProj::Plain(_) => q0,
             QueryProj::LowRank {
-                q_a_proj,
                 q_a_layernorm,
                 q_b_proj,
-            } => {
-                let qa = rms_norm(&q_a_proj.forward(hn, n), q_a_layernorm, self.eps);
-                q_b_proj.forward(&qa, n)
-            }
+                ..
+            } => q_b_proj.forward(&rms_norm(&q0, q_a_layernorm, self.eps), n),
         };
-        let ckv = self.kv_a_proj_with_mqa.forward(hn, n);
         let mut latent = Vec::with_capacity(n * rank);
         let mut k_rot = Vec::with_capacity(n * rd);
         for (row, &pos) in ckv.chunks_exact(rank + rd).zip(positions) {

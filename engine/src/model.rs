@@ -527,7 +527,12 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let mut q = att.q_proj.forward(hn, n);
+        // The three projections in one pass (one activation quantization and one parallel loop
+        // per weight type).
+        let [mut q, mut k, v]: [Vec<f32>; 3] =
+            Linear::forward_many(&[&att.q_proj, &att.k_proj, &att.v_proj], hn, n)
+                .try_into()
+                .expect("three outputs");
         // Qwen3-Next: each head's query is followed by its output gate.
         let gate = if cfg.attn_output_gate {
             let mut qs = Vec::with_capacity(n * nh * hd);
@@ -541,8 +546,6 @@ impl Model {
         } else {
             None
         };
-        let mut k = att.k_proj.forward(hn, n);
-        let v = att.v_proj.forward(hn, n);
         if let (Some(qn), Some(kn)) = (&att.q_norm, &att.k_norm) {
             crate::layers::rms_norm_inplace(&mut q, qn, cfg.rms_norm_eps);
             crate::layers::rms_norm_inplace(&mut k, kn, cfg.rms_norm_eps);
