@@ -9,7 +9,7 @@
 //! `score_j = (W_k[h]^T q_nope) . c_j + q_rot . k_rot_j` and
 //! `out_h = W_v[h] (sum_j p_j c_j)`, the same function as transformers' expanded form.
 //! Every (row, head) is computed with the same operations in a fixed order whatever the tiling
-//! (see [`latent_attend`]), so a token's output does not depend on the batch or on how the
+//! (see `latent_attend`), so a token's output does not depend on the batch or on how the
 //! prompt was split into chunks.
 
 use rayon::prelude::*;
