@@ -271,6 +271,7 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
 
 fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
     let threads = rayon::current_num_threads();
+    warn_if_busy();
     // Memory bandwidth as our decode kernel sees it: a bf16 matrix-vector product over a matrix
     // far larger than the caches.
     let cols = 4096;
@@ -479,10 +480,11 @@ fn rpc_probe_config(hidden: u64, inter: u64, experts: u64, top_k: u64) -> String
     .to_string()
 }
 
-/// The probe's experts: `top_k` times `sets`. Probe step `i` sends every token to the experts
-/// `s, s + sets, s + 2 sets, ...` with `s = i % sets`: spread over the whole layer (so each
-/// worker of a split gets rows, as a real token's experts do) and, step after step, over more
-/// bytes than the caches hold (as a decode step's experts, cold in memory).
+/// The probe's experts: `top_k` times `sets`. Each probe step sends every token to `top_k`
+/// distinct experts drawn uniformly (a fixed function of the step, so every host gets the same
+/// rows): spread over the layer as a router spreads them (so the rows split over the workers as
+/// unevenly as real ones do) and, step after step, over more bytes than the caches hold (as a
+/// decode step's experts, cold in memory).
 #[derive(Clone, Copy, Debug)]
 struct ProbeShape {
     hidden: usize,
@@ -520,15 +522,39 @@ impl ProbeShape {
         self.top_k * self.sets
     }
 
-    /// Rows of `tokens` tokens at probe step `step`.
+    /// The experts of probe step `step`.
+    fn experts_of(&self, step: usize) -> Vec<u32> {
+        let n = self.experts() as u64;
+        // Seeds of neighbouring steps far apart on the generator's sequence, so steps do not share draws.
+        let mut state = (step as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03);
+        let mut next = move || {
+            // SplitMix64.
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let mut picked = Vec::with_capacity(self.top_k);
+        while picked.len() < self.top_k.min(n as usize) {
+            let e = (next() % n) as u32;
+            if !picked.contains(&e) {
+                picked.push(e);
+            }
+        }
+        picked
+    }
+
+    /// Rows of `tokens` tokens at probe step `step`, each through the step's experts.
     fn rows(&self, step: usize, tokens: usize) -> Vec<ExpertRow> {
-        let s = step % self.sets;
+        let experts = self.experts_of(step);
+        let weight = 1.0 / experts.len() as f32;
         (0..tokens as u32)
             .flat_map(|token| {
-                (0..self.top_k).map(move |j| ExpertRow {
+                experts.iter().map(move |&expert| ExpertRow {
                     token,
-                    expert: (s + j * self.sets) as u32,
-                    weight: 1.0 / self.top_k as f32,
+                    expert,
+                    weight,
                 })
             })
             .collect()
@@ -635,7 +661,7 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
             // the machine is doing at the time weighs on both sides of each difference alike.
             let [one, two, bytes] = rayon::scope(|_| -> Result<[f64; 3]> {
                 // Every expert once on each host before timing.
-                for step in 0..2 * p.sets {
+                for step in 0..4 * p.sets {
                     for h in hosts {
                         time_dispatch(h, &p, step, 1)?;
                     }
@@ -689,6 +715,36 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Warns when other programs keep this machine's cores busy: the figures (above all the
+/// dispatch costs, made of thread wake-ups) are then those of a busy machine.
+fn warn_if_busy() {
+    // (busy, total) jiffies of all cores, from the first line of /proc/stat.
+    let sample = || -> Option<(u64, u64)> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        let v: Vec<u64> = text
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        let total: u64 = v.iter().take(8).sum();
+        let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+        Some((total.saturating_sub(idle), total))
+    };
+    let Some((b0, t0)) = sample() else { return };
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let Some((b1, t1)) = sample() else { return };
+    let busy = b1.saturating_sub(b0) as f64 / t1.saturating_sub(t0).max(1) as f64;
+    if busy > 0.25 {
+        tracing::warn!(
+            busy_percent = (busy * 100.0).round(),
+            "other programs keep this machine's cores busy: the figures measured now (above all \
+             the dispatch costs) can be off by tens of percent; calibrate on an idle machine"
+        );
+    }
 }
 
 fn total_memory_gb() -> Option<f64> {
@@ -772,7 +828,7 @@ mod tests {
     }
 
     #[test]
-    fn probe_steps_reach_every_expert_and_both_halves_of_a_split() {
+    fn probe_steps_draw_distinct_experts_over_the_whole_layer() {
         let p = ProbeShape {
             hidden: 16,
             inter: 256,
@@ -780,29 +836,53 @@ mod tests {
             sets: 4,
         };
         let mut seen = vec![0usize; p.experts()];
-        for step in 0..p.sets {
+        let (mut both_halves, mut splits) = (0, std::collections::BTreeSet::new());
+        for step in 0..200 {
             let rows = p.rows(step, 1);
             assert_eq!(rows.len(), p.top_k);
             let mut experts: Vec<u32> = rows.iter().map(|r| r.expert).collect();
+            experts.sort_unstable();
             experts.dedup();
             assert_eq!(experts.len(), p.top_k, "distinct experts a token");
-            // Workers hold contiguous blocks: a step's rows go to both halves.
+            assert!(experts.iter().all(|&e| (e as usize) < p.experts()));
+            assert!(rows.iter().all(|r| r.token == 0 && r.weight == 0.125));
+            // Every host gets the same rows at the same step.
+            assert_eq!(p.rows(step, 1), rows);
+            // Two workers holding contiguous halves: how many rows the first gets.
             let half = p.experts() as u32 / 2;
-            assert!(experts.iter().any(|&e| e < half) && experts.iter().any(|&e| e >= half));
+            let first = experts.iter().filter(|&&e| e < half).count();
+            splits.insert(first);
+            both_halves += usize::from(first > 0 && first < p.top_k);
             for e in experts {
                 seen[e as usize] += 1;
             }
-            assert!(rows.iter().all(|r| r.token == 0 && r.weight == 0.125));
         }
         assert!(
-            seen.iter().all(|&n| n == 1),
-            "each expert once a round: {seen:?}"
+            seen.iter().all(|&n| n > 0),
+            "every expert is used: {seen:?}"
         );
+        assert!(
+            both_halves > 190,
+            "a split gets rows on both sides: {both_halves} of 200"
+        );
+        assert!(
+            splits.len() >= 4,
+            "uneven splits too, as routing makes them: {splits:?}"
+        );
+        assert_ne!(p.rows(0, 1), p.rows(1, 1));
         // Several tokens: each through the same experts.
         let rows = p.rows(1, 3);
         assert_eq!(rows.len(), 24);
         assert_eq!(rows[8].token, 1);
         assert_eq!(rows[8].expert, rows[0].expert);
+        // One expert a token among two (the bytes probe).
+        let tiny = ProbeShape {
+            inter: 32,
+            top_k: 1,
+            sets: 2,
+            ..p
+        };
+        assert!((0..50).all(|s| tiny.rows(s, 32).iter().all(|r| r.expert < 2)));
     }
 
     #[test]
