@@ -179,6 +179,24 @@ const TILE_QUERIES: usize = 12;
 /// on the calling thread.
 const SERIAL_WORK: usize = 1 << 16;
 
+/// Runs `run` on every job with one scratch value per thread: in parallel when there are
+/// several jobs and more than [`SERIAL_WORK`] work, else in order on this thread. (Each job
+/// writes only its own output, so the results do not depend on which.)
+pub(crate) fn run_jobs<J: Send, S: Default>(
+    jobs: Vec<J>,
+    work: usize,
+    run: impl Fn(&mut S, J) + Sync + Send,
+) {
+    if work > SERIAL_WORK && jobs.len() > 1 {
+        jobs.into_par_iter().for_each_init(S::default, run);
+    } else {
+        let mut sc = S::default();
+        for job in jobs {
+            run(&mut sc, job);
+        }
+    }
+}
+
 /// A unit of parallel work: rows `r0..r1` of sequence `s`, key/value heads `h0..h1`; either one
 /// row or all heads, so its output is one contiguous run of `out`.
 #[derive(Clone, Copy, Debug)]
@@ -265,14 +283,7 @@ pub(crate) fn attend(
     let run = |sc: &mut Scratch, (u, o): (Unit, &mut [f32])| {
         attend_unit(path, heads, q, positions, &seqs[u.s], u, o, sc);
     };
-    if work > SERIAL_WORK && jobs.len() > 1 {
-        jobs.into_par_iter().for_each_init(Scratch::default, run);
-    } else {
-        let mut sc = Scratch::default();
-        for job in jobs {
-            run(&mut sc, job);
-        }
-    }
+    run_jobs(jobs, work, run);
 }
 
 /// First position a query at `pos` sees.
@@ -368,6 +379,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Strided;
+    use crate::kernels::x86::{fold8, fold512};
     use crate::kernels::{LANES, fold_lanes};
 
     /// AVX-512 score tile: keys x queries (16 accumulators + 4 + 1 of the 32 zmm registers).
@@ -486,25 +498,6 @@ mod x86 {
         for ((l, x), y) in lanes.iter_mut().zip(a).zip(b) {
             *l = x.mul_add(*y, *l);
         }
-    }
-
-    /// [`fold_lanes`] in registers: `a[i] += a[i + 8]`, then [`fold8`].
-    #[inline]
-    #[target_feature(enable = "avx512f,avx2")]
-    fn fold512(v: __m512) -> f32 {
-        let lo = _mm512_castps512_ps256(v);
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
-        fold8(_mm256_add_ps(lo, hi))
-    }
-
-    /// `a[i] += a[i + 4]`, `a[i] += a[i + 2]`, `a[0] += a[1]` on 8 lanes.
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn fold8(v: __m256) -> f32 {
-        let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
-        _mm_cvtss_f32(s1)
     }
 
     /// [`super::dots`] on AVX2.

@@ -12,8 +12,6 @@
 //! (see `latent_attend`), so a token's output does not depend on the batch or on how the
 //! prompt was split into chunks.
 
-use rayon::prelude::*;
-
 use crate::attention::{Strided, dots, weighted_sums};
 use crate::config::{MlaConfig, ModelConfig, RopeScaling};
 use crate::error::Result;
@@ -243,9 +241,6 @@ struct LatentSeq<'a> {
 /// Queries per tile the driver aims for (rows x heads).
 const TILE_QUERIES: usize = 16;
 
-/// Below this many multiply-adds the call runs on the calling thread.
-const SERIAL_WORK: usize = 1 << 16;
-
 /// Reusable buffers of one thread.
 #[derive(Default)]
 struct Scratch {
@@ -329,14 +324,7 @@ fn latent_attend(
                 sc,
             );
         };
-    if work > SERIAL_WORK && jobs.len() > 1 {
-        jobs.into_par_iter().for_each_init(Scratch::default, run);
-    } else {
-        let mut sc = Scratch::default();
-        for job in jobs {
-            run(&mut sc, job);
-        }
-    }
+    crate::attention::run_jobs(jobs, work, run);
 }
 
 /// One unit of [`latent_attend`]: rows `r0..r1`, heads `h0..h1`; `o` is its run of the output.

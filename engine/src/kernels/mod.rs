@@ -31,7 +31,7 @@
 pub mod scalar;
 
 #[cfg(target_arch = "x86_64")]
-mod x86;
+pub(crate) mod x86;
 
 #[cfg(target_arch = "x86_64")]
 mod quant_x86;

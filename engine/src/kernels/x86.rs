@@ -413,7 +413,7 @@ unsafe fn kern256<W: Elem, const R: usize, const T: usize>(
 /// [`fold_lanes`] in registers: lanes `i + 8` onto `i`, then the 8 -> 1 steps of [`fold8`].
 #[inline]
 #[target_feature(enable = "avx512f,avx2")]
-fn fold512(v: __m512) -> f32 {
+pub(crate) fn fold512(v: __m512) -> f32 {
     let lo = _mm512_castps512_ps256(v);
     let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)));
     fold8(_mm256_add_ps(lo, hi))
@@ -423,7 +423,7 @@ fn fold512(v: __m512) -> f32 {
 /// `a[0] += a[1]`.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn fold8(v: __m256) -> f32 {
+pub(crate) fn fold8(v: __m256) -> f32 {
     let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<0b01>(s2, s2));
