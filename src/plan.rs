@@ -215,15 +215,7 @@ impl Calibration {
             );
         }
         for (q, r) in &self.rates {
-            let _ = write!(
-                s,
-                "[node.rates.{q}]\ndense_gbs = {:.3}\nhead_gbs = {:.3}\nexpert_gbs = {:.3}\nprefill_dense_gflops = {:.3}\nprefill_expert_gflops = {:.3}\n",
-                r.dense_gbs,
-                r.head_gbs,
-                r.expert_gbs,
-                r.prefill_dense_gflops,
-                r.prefill_expert_gflops
-            );
+            s.push_str(&r.toml_table(q, Some(3)));
         }
         let _ = writeln!(
             s,

@@ -211,15 +211,7 @@ pub(crate) fn cluster_toml(s: &Shape, cal: &Calibration) -> Result<String> {
             n.push_str("expert_capacity_gb = 0\n");
         }
         for (q, r) in &cal.rates {
-            let _ = write!(
-                n,
-                "[node.rates.{q}]\ndense_gbs = {}\nhead_gbs = {}\nexpert_gbs = {}\nprefill_dense_gflops = {}\nprefill_expert_gflops = {}\n",
-                r.dense_gbs,
-                r.head_gbs,
-                r.expert_gbs,
-                r.prefill_dense_gflops,
-                r.prefill_expert_gflops
-            );
+            n.push_str(&r.toml_table(q, None));
         }
         n.push('\n');
         n
@@ -610,13 +602,18 @@ fn ns_name(i: usize) -> String {
 }
 
 fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip")
+    run_tool("ip", args)
+}
+
+/// Runs `prog args`; its error output becomes the error when it fails.
+fn run_tool(prog: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(prog)
         .args(args)
         .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
+        .with_context(|| format!("running {prog} {}", args.join(" ")))?;
     if !out.status.success() {
         bail!(
-            "ip {} failed: {}",
+            "{prog} {} failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
@@ -643,18 +640,7 @@ fn tc(ns: Option<&str>, dev: &str, link: Link) -> Result<()> {
     } else {
         ("tc", &a[..])
     };
-    let out = Command::new(prog)
-        .args(rest)
-        .output()
-        .with_context(|| format!("running {prog} {}", rest.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "{prog} {} failed: {}",
-            rest.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
+    run_tool(prog, rest)
 }
 
 /// Network namespaces with one worker each, shaped veth links and a delay proxy per worker;

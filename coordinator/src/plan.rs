@@ -503,6 +503,26 @@ pub struct Rates {
     pub prefill_expert_gflops: f64,
 }
 
+impl Rates {
+    /// The `[node.rates.FORMAT]` table of a cluster.toml holding these rates, each with
+    /// `decimals` digits after the point (`None`: as many as it takes to read back the same
+    /// value).
+    pub fn toml_table(&self, format: &str, decimals: Option<usize>) -> String {
+        let v = |x: f64| match decimals {
+            Some(d) => format!("{x:.d$}"),
+            None => format!("{x}"),
+        };
+        format!(
+            "[node.rates.{format}]\ndense_gbs = {}\nhead_gbs = {}\nexpert_gbs = {}\nprefill_dense_gflops = {}\nprefill_expert_gflops = {}\n",
+            v(self.dense_gbs),
+            v(self.head_gbs),
+            v(self.expert_gbs),
+            v(self.prefill_dense_gflops),
+            v(self.prefill_expert_gflops)
+        )
+    }
+}
+
 fn default_gflops() -> f64 {
     60.0
 }
