@@ -187,7 +187,7 @@ pub(crate) fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-/// Quantization applied while loading a float checkpoint.
+/// How the weights load: quantization of a float checkpoint, and where they are held.
 #[derive(Args, Clone, Debug, Default)]
 pub(crate) struct QuantArgs {
     /// Quantize the routed experts' float weights as they load: q8_0, q4_0, q4_k, q5_k or
@@ -198,6 +198,11 @@ pub(crate) struct QuantArgs {
     /// LM head); routers and norms stay as stored.
     #[arg(long, requires = "quantize")]
     pub quantize_all: bool,
+    /// Compute straight from the file mapping instead of copying the weights this process uses
+    /// into anonymous huge-page memory first (the default, while the system has the memory:
+    /// decode streams weights faster from there; the copy takes a moment at load).
+    #[arg(long)]
+    pub mmap: bool,
 }
 
 impl QuantArgs {
@@ -210,6 +215,15 @@ impl QuantArgs {
         })
     }
 
+    /// Where the weights are held.
+    pub fn load_mode(&self) -> moeshard_engine::resident::LoadMode {
+        if self.mmap {
+            moeshard_engine::resident::LoadMode::Mmap
+        } else {
+            moeshard_engine::resident::LoadMode::Memory
+        }
+    }
+
     /// The arguments that make a worker load the same way.
     pub fn worker_args(&self) -> Vec<String> {
         let mut v = Vec::new();
@@ -218,6 +232,9 @@ impl QuantArgs {
             if self.quantize_all {
                 v.push("--quantize-all".into());
             }
+        }
+        if self.mmap {
+            v.push("--mmap".into());
         }
         v
     }

@@ -217,6 +217,7 @@ pub(crate) fn open_checkpoint(
         Checkpoint::open_with_config(dir)?
     };
     ckpt.set_quantize(quant.spec());
+    ckpt.set_load_mode(quant.load_mode());
     Ok((cfg, ckpt))
 }
 

@@ -368,6 +368,7 @@ fn measure_rates(
         quant: QuantArgs {
             quantize: (q != Quant::Bf16).then(|| quant.to_string()),
             quantize_all: q != Quant::Bf16,
+            mmap: false,
         },
         rpc_timeout: 30.0,
         connect_timeout: 10.0,
@@ -630,6 +631,7 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
             quant: QuantArgs {
                 quantize: (quantize && q != Quant::Bf16).then(|| quant.to_string()),
                 quantize_all: false,
+                mmap: false,
             },
             rpc_timeout: 30.0,
             connect_timeout: 10.0,

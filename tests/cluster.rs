@@ -134,6 +134,11 @@ fn local_workers_flag_writes_the_single_process_bytes() {
         got == single,
         "uneven local workers plus a coordinator share"
     );
+    // Weights read through the file mapping (coordinator and workers) instead of copied into
+    // resident memory: the same bytes.
+    for extra in [&["--mmap"][..], &["--mmap", "--local-workers", "2"]] {
+        assert!(logits_bytes(name, extra) == single, "{extra:?}");
+    }
 }
 
 /// Spawns `moeshard generate` with stdout piped.

@@ -132,9 +132,9 @@ pub fn load_expert(
     let names = cfg.expert_tensor_names(layer, e);
     let (h, i) = (cfg.hidden_size, cfg.moe_intermediate_size);
     Ok(ExpertWeights {
-        gate_proj: ckpt.get_shaped(&names.gate_proj, &[i, h])?,
-        up_proj: ckpt.get_shaped(&names.up_proj, &[i, h])?,
-        down_proj: ckpt.get_shaped(&names.down_proj, &[h, i])?,
+        gate_proj: ckpt.get_weight(&names.gate_proj, &[i, h])?,
+        up_proj: ckpt.get_weight(&names.up_proj, &[i, h])?,
+        down_proj: ckpt.get_weight(&names.down_proj, &[h, i])?,
         biases: None,
         act: cfg.expert_act,
     })

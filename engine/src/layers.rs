@@ -28,7 +28,7 @@ impl Linear {
         in_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let weight = ckpt.get_shaped(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
+        let weight = ckpt.get_weight(&format!("{prefix}.weight"), &[out_dim, in_dim])?;
         let bias = if bias {
             Some(
                 ckpt.get_shaped(&format!("{prefix}.bias"), &[out_dim])?

@@ -20,6 +20,7 @@ pub mod mxfp4;
 pub mod npy;
 pub mod paged;
 pub mod quant;
+pub mod resident;
 pub mod routing;
 pub mod safetensors;
 pub mod sampling;

@@ -226,7 +226,14 @@ impl Model {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let embed_tokens = ckpt.get_shaped("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let tied = cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight");
+        // Tied, the table is the LM head, read whole every step: resident like the other
+        // weights. Untied, only the prompt's rows are read: it stays in the file mapping.
+        let embed_tokens = if tied {
+            ckpt.get_weight("model.embed_tokens.weight", &[cfg.vocab_size, h])?
+        } else {
+            ckpt.get_shaped("model.embed_tokens.weight", &[cfg.vocab_size, h])?
+        };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = cfg.layer_prefix(i);
@@ -336,7 +343,7 @@ impl Model {
             });
         }
         let norm = load_norm(&cfg, ckpt, "model.norm.weight", h)?;
-        let lm_head = if cfg.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
+        let lm_head = if tied {
             Linear::from_weight(embed_tokens.clone())?
         } else {
             Linear::load(ckpt, "lm_head", cfg.vocab_size, h, false)?

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 use crate::error::{EngineError, Result};
 use crate::quant::QType;
+use crate::resident::{LoadMode, ResidentArena};
 use crate::tensor::{DType, Tensor};
 
 /// Largest header we parse (real checkpoints have a few MB at most).
@@ -205,6 +206,8 @@ pub struct Checkpoint {
     synthetic: Option<Synthetic>,
     quantize: Option<Quantize>,
     gguf: Option<crate::gguf_model::GgufModel>,
+    /// Where [`Self::get_weight`] copies weights to (`None`: they stay in the file mapping).
+    resident: Option<Arc<ResidentArena>>,
 }
 
 /// Quantization applied as tensors are loaded (`--quantize`): float weights become owned
@@ -260,6 +263,7 @@ impl Checkpoint {
                 synthetic: None,
                 quantize: None,
                 gguf: Some(crate::gguf_model::GgufModel::open(dir)?),
+                resident: default_arena(),
             });
         }
         let single = dir.join("model.safetensors");
@@ -324,6 +328,7 @@ impl Checkpoint {
             synthetic: None,
             quantize: None,
             gguf: None,
+            resident: default_arena(),
         })
     }
 
@@ -357,6 +362,7 @@ impl Checkpoint {
             }),
             quantize: None,
             gguf: None,
+            resident: default_arena(),
         }
     }
 
@@ -536,6 +542,50 @@ impl Checkpoint {
         t.expect_shape(shape)?;
         Ok(t)
     }
+
+    /// A weight matrix a layer computes with: [`Self::get_shaped`], then copied into this
+    /// checkpoint's resident memory (see [`crate::resident`]) unless the load mode is
+    /// [`LoadMode::Mmap`] or the memory budget is spent.
+    pub fn get_weight(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get_shaped(name, shape)?;
+        Ok(match &self.resident {
+            Some(a) => t.into_resident(a),
+            None => t,
+        })
+    }
+
+    /// Where the weights [`Self::get_weight`] returns are held (default [`LoadMode::Memory`]).
+    pub fn set_load_mode(&mut self, mode: LoadMode) {
+        self.resident = match mode {
+            LoadMode::Memory => self.resident.take().or_else(default_arena),
+            LoadMode::Mmap => None,
+        };
+    }
+
+    /// [`LoadMode::Memory`] with a fresh arena of `budget` bytes (instead of the memory the
+    /// system has available when the checkpoint was opened).
+    pub fn set_resident_budget(&mut self, budget: u64) {
+        self.resident = Some(Arc::new(ResidentArena::with_budget(budget)));
+    }
+
+    /// The current load mode.
+    pub fn load_mode(&self) -> LoadMode {
+        if self.resident.is_some() {
+            LoadMode::Memory
+        } else {
+            LoadMode::Mmap
+        }
+    }
+
+    /// Bytes of weights copied into resident memory so far.
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.as_ref().map_or(0, |a| a.used())
+    }
+}
+
+/// The arena a checkpoint starts with: budgeted by the memory available now.
+fn default_arena() -> Option<Arc<ResidentArena>> {
+    Some(Arc::new(ResidentArena::from_system()))
 }
 
 /// An owned copy of a 2-D float tensor quantized row by row (rows in parallel).

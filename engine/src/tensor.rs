@@ -7,6 +7,7 @@ use memmap2::Mmap;
 
 use crate::error::{EngineError, Result};
 use crate::quant::QType;
+use crate::resident::{Chunk, ResidentArena};
 
 /// Element types of stored weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -130,6 +131,12 @@ enum Bytes {
         start: usize,
         len: usize,
     },
+    /// A copy in a [`ResidentArena`] (64-byte aligned).
+    Resident {
+        chunk: Arc<Chunk>,
+        start: usize,
+        len: usize,
+    },
 }
 
 impl Bytes {
@@ -139,6 +146,7 @@ impl Bytes {
             Bytes::Owned { buf, start, len } => {
                 &bytemuck::cast_slice::<u64, u8>(buf)[*start..*start + *len]
             }
+            Bytes::Resident { chunk, start, len } => chunk.slice(*start, *len),
         }
     }
 }
@@ -382,6 +390,31 @@ impl Tensor {
                 map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, *start, *len)
             };
         }
+    }
+
+    /// This tensor copied into `arena` (and a mapped original's pages released), or itself
+    /// when it already is there or the arena has no room.
+    pub fn into_resident(self, arena: &ResidentArena) -> Tensor {
+        if matches!(self.bytes, Bytes::Resident { .. }) {
+            return self;
+        }
+        let raw = self.bytes.as_slice();
+        let Some((chunk, start)) = arena.copy(&self.name, raw) else {
+            return self;
+        };
+        let len = raw.len();
+        self.release_pages();
+        Tensor {
+            name: self.name,
+            dtype: self.dtype,
+            shape: self.shape,
+            bytes: Bytes::Resident { chunk, start, len },
+        }
+    }
+
+    /// Whether the bytes are a copy in a [`ResidentArena`].
+    pub fn is_resident(&self) -> bool {
+        matches!(self.bytes, Bytes::Resident { .. })
     }
 
     /// Whether the bytes come from a memory map (not copied).
