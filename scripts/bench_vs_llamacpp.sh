@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Side-by-side decode/prefill benchmark: moeshard and llama.cpp on the same GGUF files, with the
 # same thread count, alternating runs so both see the same machine state. Prints one table with
-# tokens/s, peak RSS, moeshard/llama.cpp ratios, and moeshard's decode bandwidth (active bytes per
-# token x tokens/s) against this machine's measured memory read bandwidth.
+# tokens/s (llama.cpp: the better of its mmap and in-memory load modes), peak RSS,
+# moeshard/llama.cpp ratios, and moeshard's decode bandwidth (active bytes per token x tokens/s)
+# against this machine's measured memory read bandwidth.
 #
 # usage: scripts/bench_vs_llamacpp.sh [NAME] [-- make_bench_model.py shape flags]
 #   NAME   model directory under bench-models/ (default qwen3_moe_bench: the shape)
@@ -66,8 +67,10 @@ for t in $TYPES; do
   f=$(gguf_for "$t")
   for r in $(seq "$REPEAT"); do
     log "$t run $r: llama.cpp"
+    # Both of llama.cpp's load modes (mmap, and `none`: read into memory, as moeshard copies its
+    # weights into memory by default); its best figure of either counts.
     /usr/bin/time -f '%M' -o "$OUT/ll-$t-$r.rss" "$BIN/llama-bench" -m "$f" -t "$THREADS" -p 512 -n 128 \
-      -r 1 -o json > "$OUT/ll-$t-$r.json" 2>/dev/null
+      -r 1 -lm mmap,none -o json > "$OUT/ll-$t-$r.json" 2>/dev/null
     log "$t run $r: moeshard"
     RAYON_NUM_THREADS=$THREADS /usr/bin/time -f '%M' -o "$OUT/ms-$t-$r.rss" "$MOESHARD" bench \
       --model "$f" --decode-prompt 32 --decode-tokens 128 --prefill-tokens 512 --json \
