@@ -270,15 +270,31 @@ impl LocalExperts {
         }
     }
 
-    /// Loads the experts `(layer, expert)` listed in `which` from a checkpoint (mapped, not read).
+    /// Loads the experts `(layer, expert)` listed in `which` from a checkpoint (see
+    /// [`Checkpoint::get_weight`] for where their weights are held).
     pub fn load(
         cfg: &ModelConfig,
         ckpt: &Checkpoint,
         which: impl IntoIterator<Item = (usize, usize)>,
     ) -> Result<Self> {
+        Self::load_keeping(cfg, ckpt, which, None)
+    }
+
+    /// [`Self::load`], sharing the weights of the experts `keep` already holds instead of
+    /// loading (and copying) them again: a worker whose assignment grows loads only the new ones.
+    pub fn load_keeping(
+        cfg: &ModelConfig,
+        ckpt: &Checkpoint,
+        which: impl IntoIterator<Item = (usize, usize)>,
+        keep: Option<&LocalExperts>,
+    ) -> Result<Self> {
         let mut experts = BTreeMap::new();
         for (l, e) in which {
-            experts.insert((l, e), load_expert(cfg, ckpt, l, e)?);
+            let w = match keep.and_then(|k| k.get(l, e)) {
+                Some(w) => w.clone(),
+                None => load_expert(cfg, ckpt, l, e)?,
+            };
+            experts.insert((l, e), w);
         }
         Ok(Self::new(cfg.hidden_size, experts))
     }

@@ -12,7 +12,7 @@
 //! reserve); a tensor that would go beyond it stays in the file mapping, with one warning, so a
 //! model larger than memory still loads as before.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use memmap2::{MmapMut, MmapOptions, MmapRaw};
@@ -55,6 +55,17 @@ pub(crate) struct Chunk {
     base: usize,
     /// Usable bytes from `base` (whole huge pages).
     len: usize,
+    /// Bytes handed out of this chunk, given back to `live` when the chunk goes (its last
+    /// tensor dropped: a worker's old assignment, say).
+    given: AtomicU64,
+    live: Arc<AtomicU64>,
+}
+
+impl Drop for Chunk {
+    fn drop(&mut self) {
+        self.live
+            .fetch_sub(self.given.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
 }
 
 impl Chunk {
@@ -71,13 +82,13 @@ struct State {
     chunk: Option<Arc<Chunk>>,
     /// Bytes handed out of `chunk`.
     used: usize,
-    /// Bytes handed out in all.
-    total: u64,
 }
 
 /// Bump-allocated anonymous memory holding copies of weights; see the module docs.
 pub struct ResidentArena {
     budget: u64,
+    /// Bytes handed out of the chunks that are still alive.
+    live: Arc<AtomicU64>,
     state: Mutex<State>,
     warned: AtomicBool,
 }
@@ -98,10 +109,10 @@ impl ResidentArena {
     pub fn with_budget(budget: u64) -> Self {
         ResidentArena {
             budget,
+            live: Arc::new(AtomicU64::new(0)),
             state: Mutex::new(State {
                 chunk: None,
                 used: 0,
-                total: 0,
             }),
             warned: AtomicBool::new(false),
         }
@@ -112,9 +123,9 @@ impl ResidentArena {
         Self::with_budget(available_memory().saturating_sub(RESERVE))
     }
 
-    /// Bytes copied in so far.
+    /// Bytes of the copies held (those in chunks some tensor still uses).
     pub fn used(&self) -> u64 {
-        self.state.lock().map(|s| s.total).unwrap_or(0)
+        self.live.load(Ordering::Relaxed)
     }
 
     /// The budget.
@@ -128,7 +139,7 @@ impl ResidentArena {
         let len = bytes.len();
         let (chunk, start) = {
             let mut s = self.state.lock().ok()?;
-            if s.total.saturating_add(len as u64) > self.budget {
+            if self.used().saturating_add(len as u64) > self.budget {
                 drop(s);
                 if !self.warned.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -141,7 +152,7 @@ impl ResidentArena {
             }
             let fits = s.chunk.as_ref().is_some_and(|c| s.used + len <= c.len);
             if !fits {
-                match new_chunk(len) {
+                match new_chunk(len, &self.live) {
                     Ok(c) => {
                         s.chunk = Some(Arc::new(c));
                         s.used = 0;
@@ -161,8 +172,10 @@ impl ResidentArena {
             }
             let start = s.used;
             s.used = (start + len).next_multiple_of(ALIGN);
-            s.total += len as u64;
-            (s.chunk.clone().expect("chunk set above"), start)
+            let c = s.chunk.clone().expect("chunk set above");
+            c.given.fetch_add(len as u64, Ordering::Relaxed);
+            self.live.fetch_add(len as u64, Ordering::Relaxed);
+            (c, start)
         };
         // SAFETY: `start..start + len` lies in the chunk (checked by `fits` or a fresh chunk of
         // at least `len`) and was handed out only here, under the lock, so no one else writes or
@@ -179,7 +192,7 @@ impl ResidentArena {
 }
 
 /// A fresh mapping of at least `len` usable bytes from a 2 MiB boundary, advised as huge pages.
-fn new_chunk(len: usize) -> std::io::Result<Chunk> {
+fn new_chunk(len: usize, live: &Arc<AtomicU64>) -> std::io::Result<Chunk> {
     let size = len.max(CHUNK).next_multiple_of(HUGE);
     let map: MmapMut = MmapOptions::new().len(size + HUGE).map_anon()?;
     let base = (map.as_ptr() as usize).next_multiple_of(HUGE) - map.as_ptr() as usize;
@@ -192,6 +205,8 @@ fn new_chunk(len: usize) -> std::io::Result<Chunk> {
         map: MmapRaw::from(map),
         base,
         len: size,
+        given: AtomicU64::new(0),
+        live: live.clone(),
     })
 }
 
@@ -255,6 +270,20 @@ mod tests {
         assert!(!Arc::ptr_eq(&c1, &c2));
         assert_eq!(s2, 0);
         assert!(c2.slice(s2, big.len()).iter().all(|&b| b == 2));
+    }
+
+    #[test]
+    fn chunks_no_longer_used_give_their_bytes_back() {
+        let a = ResidentArena::with_budget(u64::MAX);
+        let (c1, _) = a.copy("first", &vec![1u8; CHUNK - 100]).unwrap();
+        // Does not fit what is left of the first chunk: a second one becomes current.
+        let (c2, _) = a.copy("second", &[2u8; 1000]).unwrap();
+        assert!(!Arc::ptr_eq(&c1, &c2));
+        assert_eq!(a.used(), (CHUNK - 100 + 1000) as u64);
+        drop(c1);
+        assert_eq!(a.used(), 1000, "the first chunk's bytes are back");
+        drop(c2);
+        assert_eq!(a.used(), 1000, "the current chunk stays with the arena");
     }
 
     #[test]

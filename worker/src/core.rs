@@ -373,10 +373,15 @@ impl WorkerCore {
         // Maps views over the assigned tensors only (or, paged, notes where they lie in the
         // file); no weight byte is read here.
         let experts = match self.paged {
-            None => Host::Mapped(Arc::new(LocalExperts::load(
+            // Experts already held keep their (copied) weights; only new ones are loaded.
+            None => Host::Mapped(Arc::new(LocalExperts::load_keeping(
                 &self.cfg,
                 &self.ckpt,
                 want.iter().copied(),
+                match &current.experts {
+                    Host::Mapped(prev) => Some(prev),
+                    Host::Paged(_) => None,
+                },
             )?)),
             // The previous host's cache goes when its last batch is done.
             Some(opts) => Host::Paged(Arc::new(PagedExperts::new(
@@ -451,10 +456,16 @@ impl WorkerCore {
         }
     }
 
-    /// Bytes of this worker's checkpoint files resident in its own memory (mapped pages present
-    /// in this process), where the OS tells (Linux).
+    /// Bytes of this worker's checkpoint weights in its own memory: the copies in anonymous
+    /// memory (see `moeshard_engine::resident`) plus the mapped file pages present in this
+    /// process, where the OS tells (Linux).
     pub fn resident_checkpoint_bytes(&self) -> Option<u64> {
-        resident_bytes(&self.checkpoint_files)
+        resident_bytes(&self.checkpoint_files).map(|mapped| mapped + self.ckpt.resident_bytes())
+    }
+
+    /// Bytes of weights copied into anonymous memory (0 with `--mmap`).
+    pub fn copied_weight_bytes(&self) -> u64 {
+        self.ckpt.resident_bytes()
     }
 
     /// Checks a batch and turns it into hidden states and rows.

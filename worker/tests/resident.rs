@@ -1,6 +1,9 @@
-//! A worker maps only its assigned experts: after computing with a quarter of the experts, about a
+//! A worker holds only its assigned experts: after computing with a quarter of the experts, about a
 //! quarter of the expert bytes are resident in its memory, and every other expert's bytes are
-//! untouched. The control (assign everything, touch everything) shows the measurement can fail.
+//! untouched; both when it copies its experts into anonymous memory at assignment (the default)
+//! and when it computes from the file mapping (`--mmap`: nothing is read before the first batch).
+//! An assignment that grows copies only the new experts. The control (assign everything, touch
+//! everything) shows the measurement can fail.
 
 #![allow(clippy::unwrap_used)] // test set-up: a failure should stop the test loudly
 
@@ -8,6 +11,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use bytes::Bytes;
+use moeshard_engine::resident::LoadMode;
+use moeshard_engine::safetensors::Checkpoint;
 use moeshard_engine::{ExpertRow, LocalExperts, ModelConfig};
 use moeshard_proto::tensor::{f32_from_le_bytes, f32_to_le_bytes};
 use moeshard_proto::v1::{AssignRequest, Dtype, ExpertBatchRequest, ExpertId};
@@ -103,44 +108,67 @@ fn batch(n_tokens: usize, experts: &[usize]) -> (ExpertBatchRequest, Vec<ExpertR
     (req, rows)
 }
 
+/// A worker over the checkpoint in `dir`, holding its weights as `mode` says.
+fn open(dir: &Path, mode: LoadMode, capacity: Option<u64>) -> WorkerCore {
+    let (cfg, mut ckpt) = Checkpoint::open_with_config(dir).unwrap();
+    ckpt.set_load_mode(mode);
+    WorkerCore::from_checkpoint(dir, cfg, ckpt, capacity).unwrap()
+}
+
 #[tokio::test]
 async fn a_quarter_of_the_experts_is_a_quarter_of_the_bytes() {
+    for mode in [LoadMode::Memory, LoadMode::Mmap] {
+        a_quarter_of_the_experts(mode).await;
+    }
+}
+
+async fn a_quarter_of_the_experts(mode: LoadMode) {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path());
-    let core = WorkerCore::open(dir.path(), None).unwrap();
+    let core = open(dir.path(), mode, None);
     assert_eq!(core.capacity(), EXPERTS as u64 * EXPERT_BYTES);
     // The header (its first 2 MiB) was read at open; nothing else.
     let before = core.resident_checkpoint_bytes().expect("Linux smaps");
     assert!(
         before <= ALIGN as u64,
-        "{before} bytes resident before any assignment"
+        "{mode:?}: {before} bytes resident before any assignment"
     );
 
     let mine = [1, 5];
+    let quarter = mine.len() as u64 * EXPERT_BYTES;
     assign(&core, &mine).unwrap();
-    assert_eq!(
-        core.resident_checkpoint_bytes().unwrap(),
-        before,
-        "assignment read weights"
-    );
+    let assigned = core.resident_checkpoint_bytes().unwrap() - before;
+    match mode {
+        // Copied at assignment, exactly, and the file's pages let go again.
+        LoadMode::Memory => {
+            assert_eq!(core.copied_weight_bytes(), quarter, "copied at assignment");
+            assert!(
+                assigned >= quarter && assigned <= quarter + MIB / 4,
+                "{assigned} bytes resident after assigning {quarter}"
+            );
+        }
+        LoadMode::Mmap => {
+            assert_eq!(core.copied_weight_bytes(), 0);
+            assert_eq!(assigned, 0, "assignment read weights");
+        }
+    }
     let (req, rows) = batch(4, &mine);
     let got = core.compute(req).await.unwrap();
     let resident = core.resident_checkpoint_bytes().unwrap() - before;
-    let quarter = mine.len() as u64 * EXPERT_BYTES;
     eprintln!(
-        "resident after computing 2 of 8 experts: {:.2} MiB (assigned {:.2} MiB, all experts {:.2} MiB)",
+        "{mode:?}: resident after computing 2 of 8 experts: {:.2} MiB (assigned {:.2} MiB, all experts {:.2} MiB)",
         resident as f64 / MIB as f64,
         quarter as f64 / MIB as f64,
         (EXPERTS as u64 * EXPERT_BYTES) as f64 / MIB as f64
     );
     assert!(
         resident >= quarter * 95 / 100 && resident <= quarter + MIB / 4,
-        "resident {resident} bytes, assigned experts hold {quarter}"
+        "{mode:?}: resident {resident} bytes, assigned experts hold {quarter}"
     );
 
     // The answer is the in-process one.
     let cfg = ModelConfig::from_dir(dir.path()).unwrap();
-    let ckpt = moeshard_engine::safetensors::Checkpoint::open(dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
     let all = LocalExperts::load_all(&cfg, &ckpt).unwrap();
     let want = all.compute(0, &hidden(4), &rows).unwrap();
     let got = f32_from_le_bytes(&got.outputs, Some(want.len())).unwrap();
@@ -153,16 +181,52 @@ async fn a_quarter_of_the_experts_is_a_quarter_of_the_bytes() {
 
 #[tokio::test]
 async fn control_touching_every_expert_makes_every_byte_resident() {
+    for mode in [LoadMode::Memory, LoadMode::Mmap] {
+        let dir = tempfile::tempdir().unwrap();
+        write_checkpoint(dir.path());
+        let core = open(dir.path(), mode, None);
+        let every: Vec<usize> = (0..EXPERTS).collect();
+        assign(&core, &every).unwrap();
+        let (req, _) = batch(2, &every);
+        core.compute(req).await.unwrap();
+        let resident = core.resident_checkpoint_bytes().unwrap();
+        let all = EXPERTS as u64 * EXPERT_BYTES;
+        assert!(
+            resident >= all * 95 / 100,
+            "{mode:?}: resident {resident} of {all}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_growing_assignment_copies_only_the_new_experts() {
     let dir = tempfile::tempdir().unwrap();
     write_checkpoint(dir.path());
-    let core = WorkerCore::open(dir.path(), None).unwrap();
-    let every: Vec<usize> = (0..EXPERTS).collect();
-    assign(&core, &every).unwrap();
-    let (req, _) = batch(2, &every);
-    core.compute(req).await.unwrap();
-    let resident = core.resident_checkpoint_bytes().unwrap();
-    let all = EXPERTS as u64 * EXPERT_BYTES;
-    assert!(resident >= all * 95 / 100, "resident {resident} of {all}");
+    let core = open(dir.path(), LoadMode::Memory, None);
+    assign(&core, &[0, 1]).unwrap();
+    assert_eq!(core.copied_weight_bytes(), 2 * EXPERT_BYTES);
+    // Assignments add up: 0 and 1 are kept as they are, 2 and 3 copied.
+    assign(&core, &[2, 3]).unwrap();
+    assert_eq!(core.health().hosted_experts, 4);
+    assert_eq!(
+        core.copied_weight_bytes(),
+        4 * EXPERT_BYTES,
+        "held experts copied again"
+    );
+    let (req, rows) = batch(3, &[0, 3]);
+    let got = core.compute(req).await.unwrap();
+    let cfg = ModelConfig::from_dir(dir.path()).unwrap();
+    let ckpt = Checkpoint::open(dir.path()).unwrap();
+    let want = LocalExperts::load_all(&cfg, &ckpt)
+        .unwrap()
+        .compute(0, &hidden(3), &rows)
+        .unwrap();
+    let got = f32_from_le_bytes(&got.outputs, Some(want.len())).unwrap();
+    assert!(
+        got.iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
 }
 
 #[tokio::test]
