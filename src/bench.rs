@@ -73,6 +73,9 @@ pub(crate) struct BenchReport {
     pub dispatch_samples: usize,
     pub moe_layers: usize,
     pub decode_ms_per_token: f64,
+    /// Seconds from opening the checkpoint to a model ready to run (workers started and
+    /// assigned included).
+    pub load_s: f64,
     /// Set with --memory-budget.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub paged: Option<PagedReport>,
@@ -260,6 +263,7 @@ pub(crate) fn measure(
         },
         dispatch_p50_us: percentile(&samples, 0.5),
         dispatch_p99_us: percentile(&samples, 0.99),
+        load_s: 0.0,
         dispatch_samples: samples.len(),
         moe_layers: model.cfg.moe_layers().count(),
         decode_ms_per_token: best_decode * 1e3 / a.decode_tokens as f64,
@@ -275,6 +279,7 @@ pub(crate) fn print(r: &BenchReport, json: bool) -> Result<()> {
         println!("model            {}", r.model);
         println!("workers          {} ({})", r.workers, r.transport);
         println!("threads          {}", r.threads);
+        println!("load             {:.2} s", r.load_s);
         println!(
             "decode           {:.1} tokens/s ({:.2} ms/token)",
             r.decode_tok_s, r.decode_ms_per_token
@@ -308,9 +313,12 @@ pub(crate) fn print(r: &BenchReport, json: bool) -> Result<()> {
 /// `moeshard bench`: one run, or with --memory-budget-sweep one per budget.
 pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     if !a.memory_budget_sweep {
+        let t = Instant::now();
         let loaded = crate::cli::load(&a.model.model, &a.cluster)?;
+        let load_s = t.elapsed().as_secs_f64();
         let probe = || probe(&loaded);
-        let report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        let mut report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        report.load_s = load_s;
         return print(&report, a.json);
     }
     let (cfg, ckpt) =
@@ -330,9 +338,12 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         } else {
             share / 100 * pct
         });
+        let t = Instant::now();
         let loaded = crate::cli::load(&a.model.model, &cluster)?;
+        let load_s = t.elapsed().as_secs_f64();
         let probe = || probe(&loaded);
-        let report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        let mut report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
+        report.load_s = load_s;
         if !a.json {
             println!("--- memory budget {pct}% of the expert bytes");
         }

@@ -288,15 +288,19 @@ impl LocalExperts {
         which: impl IntoIterator<Item = (usize, usize)>,
         keep: Option<&LocalExperts>,
     ) -> Result<Self> {
-        let mut experts = BTreeMap::new();
-        for (l, e) in which {
-            let w = match keep.and_then(|k| k.get(l, e)) {
-                Some(w) => w.clone(),
-                None => load_expert(cfg, ckpt, l, e)?,
-            };
-            experts.insert((l, e), w);
-        }
-        Ok(Self::new(cfg.hidden_size, experts))
+        let which: Vec<(usize, usize)> = which.into_iter().collect();
+        // In parallel: loading copies (and may quantize) every expert's weights.
+        let loaded: Vec<ExpertWeights> = which
+            .par_iter()
+            .map(|&(l, e)| match keep.and_then(|k| k.get(l, e)) {
+                Some(w) => Ok(w.clone()),
+                None => load_expert(cfg, ckpt, l, e),
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self::new(
+            cfg.hidden_size,
+            which.into_iter().zip(loaded).collect(),
+        ))
     }
 
     /// Loads every routed expert of every MoE layer.
