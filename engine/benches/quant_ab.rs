@@ -64,6 +64,9 @@ fn main() {
             (1024, 512, 1, 1),
             (512, 1024, 64, 1),
             (1024, 512, 64, 1),
+            // Narrow experts of a wide model in prefill (~32 tokens each).
+            (256, 2048, 32, 1),
+            (2048, 256, 32, 1),
         ] {
             let mut one = Vec::new();
             quant::quantize(q, &values(rows * cols, 7), &mut one);

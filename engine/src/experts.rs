@@ -392,9 +392,19 @@ impl LocalExperts {
                 (idx, y)
             })
             .collect();
-        let mut out = vec![0f32; rows.len() * h];
-        for (idx, y) in outputs {
-            scatter_rows(&mut out, &idx, &y, h);
+        // Back in the order of `rows` (every row belongs to exactly one expert's group), built
+        // by appending: no pass zeroing what is overwritten (a prefill layer's rows are tens of
+        // megabytes).
+        let mut from = vec![(0u32, 0u32); rows.len()];
+        for (j, (idx, _)) in outputs.iter().enumerate() {
+            for (k, &i) in idx.iter().enumerate() {
+                from[i] = (j as u32, k as u32);
+            }
+        }
+        let mut out = Vec::with_capacity(rows.len() * h);
+        for &(j, k) in &from {
+            let y = &outputs[j as usize].1;
+            out.extend_from_slice(&y[k as usize * h..(k as usize + 1) * h]);
         }
         Ok(out)
     }

@@ -387,6 +387,19 @@ pub(super) const T512: usize = 4;
 /// by more tokens, and their sums are reduced through memory, not held in registers.
 pub(super) const TK512: usize = 8;
 
+/// The totals of four vectors of 8 `i32` lanes, in lanes 0-3 (exact: integer additions).
+#[inline(always)]
+unsafe fn reduce4_256(a: __m256i, b: __m256i, c: __m256i, d: __m256i) -> __m128i {
+    // SAFETY: register-only AVX2 operations (the caller has AVX-512F, hence AVX2).
+    unsafe {
+        // Per 128-bit lane as in `reduce4`, then the two lanes added.
+        let ab = _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
+        let cd = _mm256_add_epi32(_mm256_unpacklo_epi32(c, d), _mm256_unpackhi_epi32(c, d));
+        let s = _mm256_add_epi32(_mm256_unpacklo_epi64(ab, cd), _mm256_unpackhi_epi64(ab, cd));
+        _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s))
+    }
+}
+
 /// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
 /// (`row_bytes` apart) and `tn` (1..=[`T512`]) tokens, for `Q8_0` or `Q4_0` weights.
 ///
@@ -832,6 +845,20 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 }
                 s[r] = sr;
             }
+            // With whole groups of four tokens (N = 4 or 8), a group is one row and four
+            // consecutive tokens: their activation scales are loaded once per block here, and
+            // the row's scales broadcast (the same lane values as the general gathers below).
+            let mut dxq = [_mm_setzero_ps(); TK512 / 4];
+            if N % 4 == 0 {
+                for (q4, v) in dxq.iter_mut().enumerate().take(N / 4) {
+                    *v = _mm_setr_ps(
+                        *xd.add(4 * q4 * nb + b),
+                        *xd.add((4 * q4 + 1) * nb + b),
+                        *xd.add((4 * q4 + 2) * nb + b),
+                        *xd.add((4 * q4 + 3) * nb + b),
+                    );
+                }
+            }
             // Reduce and accumulate four pairs at a time.
             for g in 0..groups {
                 macro_rules! pick {
@@ -844,15 +871,26 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 // Pair i's row scale and token scale (padding pairs repeat the last pair).
                 let pr = |i: usize| (4 * g + i).min(R * N - 1);
                 let (p0, p1, p2, p3) = (pr(0), pr(1), pr(2), pr(3));
-                let dx = _mm_setr_ps(
-                    *xd.add((p0 % N) * nb + b),
-                    *xd.add((p1 % N) * nb + b),
-                    *xd.add((p2 % N) * nb + b),
-                    *xd.add((p3 % N) * nb + b),
-                );
-                let dv = _mm_setr_ps(dr[p0 / N], dr[p1 / N], dr[p2 / N], dr[p3 / N]);
+                let (dx, dv, mv4) = if N % 4 == 0 {
+                    let r = 4 * g / N;
+                    (
+                        dxq[(4 * g % N) / 4],
+                        _mm_set1_ps(dr[r]),
+                        _mm_set1_ps(dmr[r]),
+                    )
+                } else {
+                    (
+                        _mm_setr_ps(
+                            *xd.add((p0 % N) * nb + b),
+                            *xd.add((p1 % N) * nb + b),
+                            *xd.add((p2 % N) * nb + b),
+                            *xd.add((p3 % N) * nb + b),
+                        ),
+                        _mm_setr_ps(dr[p0 / N], dr[p1 / N], dr[p2 / N], dr[p3 / N]),
+                        _mm_setr_ps(dmr[p0 / N], dmr[p1 / N], dmr[p2 / N], dmr[p3 / N]),
+                    )
+                };
                 let ds = _mm_mul_ps(dv, dx);
-                let mv4 = _mm_setr_ps(dmr[p0 / N], dmr[p1 / N], dmr[p2 / N], dmr[p3 / N]);
                 let dm = _mm_xor_ps(_mm_mul_ps(mv4, dx), _mm_set1_ps(-0.0));
                 let a = &mut acc[g][b % 4];
                 *a = _mm_fmadd_ps(ds, _mm_cvtepi32_ps(st), *a);
@@ -864,12 +902,12 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                         if p < R * N {
                             let t = p % N;
                             let sv = _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
-                            _mm512_zextsi256_si512(_mm256_madd_epi16(mn16r[p / N], sv))
+                            _mm256_madd_epi16(mn16r[p / N], sv)
                         } else {
-                            zero
+                            _mm256_setzero_si256()
                         }
                     };
-                    reduce4(m(0), m(1), m(2), m(3))
+                    reduce4_256(m(0), m(1), m(2), m(3))
                 };
                 *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
             }
