@@ -849,7 +849,7 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
             // consecutive tokens: their activation scales are loaded once per block here, and
             // the row's scales broadcast (the same lane values as the general gathers below).
             let mut dxq = [_mm_setzero_ps(); TK512 / 4];
-            if N % 4 == 0 {
+            if N.is_multiple_of(4) {
                 for (q4, v) in dxq.iter_mut().enumerate().take(N / 4) {
                     *v = _mm_setr_ps(
                         *xd.add(4 * q4 * nb + b),
@@ -871,7 +871,7 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 // Pair i's row scale and token scale (padding pairs repeat the last pair).
                 let pr = |i: usize| (4 * g + i).min(R * N - 1);
                 let (p0, p1, p2, p3) = (pr(0), pr(1), pr(2), pr(3));
-                let (dx, dv, mv4) = if N % 4 == 0 {
+                let (dx, dv, mv4) = if N.is_multiple_of(4) {
                     let r = 4 * g / N;
                     (
                         dxq[(4 * g % N) / 4],
