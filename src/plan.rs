@@ -140,6 +140,11 @@ pub(crate) struct CalibrateArgs {
     /// With --model: decode steps measured per format.
     #[arg(long, default_value_t = 48, requires = "model")]
     pub decode_tokens: usize,
+    /// With --model: measure every format this many times, the formats taking turns (each round
+    /// in the opposite order of the last), and keep each rate's median: one pass per format
+    /// would let a moment of a busy or throttled host decide every plan of that format.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..), requires = "model")]
+    pub rounds: u32,
     /// With --model: prompt length of the prefill measurement.
     #[arg(long, default_value_t = 128, requires = "model")]
     pub prefill_tokens: usize,
@@ -292,11 +297,24 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
     let mut rates = BTreeMap::new();
     let mut rpc = Vec::new();
     if let Some(m) = &a.model {
-        for q in &a.quant {
-            let r = measure_rates(m, a.layers, q, a.decode_tokens, a.prefill_tokens)
-                .with_context(|| format!("measuring the forward pass of {} as {q}", m.display()))?;
-            tracing::info!(quant = %q, ?r, "forward-pass rates");
-            rates.insert(q.clone(), r);
+        let mut runs: BTreeMap<String, Vec<Rates>> = BTreeMap::new();
+        for round in 0..a.rounds {
+            let order: Vec<&String> = if round % 2 == 0 {
+                a.quant.iter().collect()
+            } else {
+                a.quant.iter().rev().collect()
+            };
+            for q in order {
+                let r = measure_rates(m, a.layers, q, a.decode_tokens, a.prefill_tokens)
+                    .with_context(|| {
+                        format!("measuring the forward pass of {} as {q}", m.display())
+                    })?;
+                tracing::info!(quant = %q, round, ?r, "forward-pass rates");
+                runs.entry(q.clone()).or_default().push(r);
+            }
+        }
+        for (q, rs) in runs {
+            rates.insert(q, median_rates(&rs));
         }
         let transports: Vec<&str> = a
             .rpc
@@ -334,6 +352,18 @@ fn config_text(model: &Path) -> Result<String> {
         model.to_path_buf()
     };
     std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))
+}
+
+/// Each rate's median over several measurements.
+fn median_rates(rs: &[Rates]) -> Rates {
+    let m = |f: fn(&Rates) -> f64| median(rs.iter().map(f).collect());
+    Rates {
+        dense_gbs: m(|r| r.dense_gbs),
+        head_gbs: m(|r| r.head_gbs),
+        expert_gbs: m(|r| r.expert_gbs),
+        prefill_dense_gflops: m(|r| r.prefill_dense_gflops),
+        prefill_expert_gflops: m(|r| r.prefill_expert_gflops),
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -790,6 +820,25 @@ mod tests {
     fn shape(hidden: u64, inter: u64, experts: u64, top_k: u64) -> ModelShape {
         let text = rpc_probe_config(hidden, inter, experts, top_k);
         ModelShape::from_config_json(&text).expect("a probe config parses")
+    }
+
+    #[test]
+    fn calibrated_rates_are_each_rates_median() {
+        let r = |a: f64, b: f64| Rates {
+            dense_gbs: a,
+            head_gbs: b,
+            expert_gbs: a + b,
+            prefill_dense_gflops: 10.0 * a,
+            prefill_expert_gflops: 10.0 * b,
+        };
+        // One slow outlier per field, in different runs: each field keeps its own middle value.
+        let m = median_rates(&[r(20.0, 5.0), r(9.0, 30.0), r(21.0, 31.0)]);
+        assert_eq!((m.dense_gbs, m.head_gbs), (20.0, 30.0));
+        assert_eq!(m.expert_gbs, 39.0);
+        assert_eq!(
+            (m.prefill_dense_gflops, m.prefill_expert_gflops),
+            (200.0, 300.0)
+        );
     }
 
     #[test]

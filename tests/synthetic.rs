@@ -140,6 +140,8 @@ fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
         "8",
         "--prefill-tokens",
         "16",
+        "--rounds",
+        "2",
     ];
     let (ok, out, err) = run(&[&common[..], &["--json"]].concat());
     assert!(ok, "{err}");
