@@ -310,16 +310,21 @@ pub(crate) fn print(r: &BenchReport, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Loads the model as `cluster` says (timed) and measures it.
+fn load_and_measure(a: &BenchArgs, cluster: &ClusterArgs) -> Result<BenchReport> {
+    let t = Instant::now();
+    let loaded = crate::cli::load(&a.model.model, cluster)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let probe = || probe(&loaded);
+    let mut report = measure(&loaded.model, loaded.experts.as_ref(), a, &probe)?;
+    report.load_s = load_s;
+    Ok(report)
+}
+
 /// `moeshard bench`: one run, or with --memory-budget-sweep one per budget.
 pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
     if !a.memory_budget_sweep {
-        let t = Instant::now();
-        let loaded = crate::cli::load(&a.model.model, &a.cluster)?;
-        let load_s = t.elapsed().as_secs_f64();
-        let probe = || probe(&loaded);
-        let mut report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
-        report.load_s = load_s;
-        return print(&report, a.json);
+        return print(&load_and_measure(&a, &a.cluster)?, a.json);
     }
     let (cfg, ckpt) =
         crate::cluster::open_checkpoint(&a.model.model, &a.cluster.synthetic, &a.cluster.quant)?;
@@ -338,12 +343,7 @@ pub(crate) fn cmd_bench(a: BenchArgs) -> Result<()> {
         } else {
             share / 100 * pct
         });
-        let t = Instant::now();
-        let loaded = crate::cli::load(&a.model.model, &cluster)?;
-        let load_s = t.elapsed().as_secs_f64();
-        let probe = || probe(&loaded);
-        let mut report = measure(&loaded.model, loaded.experts.as_ref(), &a, &probe)?;
-        report.load_s = load_s;
+        let report = load_and_measure(&a, &cluster)?;
         if !a.json {
             println!("--- memory budget {pct}% of the expert bytes");
         }

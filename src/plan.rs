@@ -549,18 +549,12 @@ impl ProbeShape {
     fn experts_of(&self, step: usize) -> Vec<u32> {
         let n = self.experts() as u64;
         // Seeds of neighbouring steps far apart on the generator's sequence, so steps do not share draws.
-        let mut state = (step as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03);
-        let mut next = move || {
-            // SplitMix64.
-            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = state;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        };
+        let mut rng = moeshard_engine::sampling::Rng::new(
+            (step as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03),
+        );
         let mut picked = Vec::with_capacity(self.top_k);
         while picked.len() < self.top_k.min(n as usize) {
-            let e = (next() % n) as u32;
+            let e = (rng.next_u64() % n) as u32;
             if !picked.contains(&e) {
                 picked.push(e);
             }

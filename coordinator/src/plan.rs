@@ -742,15 +742,8 @@ fn expected_layer(l: &LayerInputs<'_>) -> LayerCost {
     while owner.len() < l.experts {
         owner.push(n.saturating_sub(1));
     }
-    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
-    let mut next = move || {
-        // SplitMix64.
-        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    };
+    let mut rng = moeshard_engine::sampling::Rng::new(0x9e37_79b9_7f4a_7c15);
+    let mut next = move || rng.next_u64();
     let (mut compute, mut network) = (0f64, 0f64);
     let mut busy = vec![0f64; n];
     let top_k = l.top_k.min(l.experts).max(1);

@@ -36,18 +36,6 @@ pub enum LoadMode {
     Mmap,
 }
 
-impl std::str::FromStr for LoadMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "memory" => Ok(LoadMode::Memory),
-            "mmap" => Ok(LoadMode::Mmap),
-            _ => Err(format!("unknown load mode {s:?} (memory or mmap)")),
-        }
-    }
-}
-
 /// One mapping of the arena.
 pub(crate) struct Chunk {
     map: MmapRaw,
@@ -126,11 +114,6 @@ impl ResidentArena {
     /// Bytes of the copies held (those in chunks some tensor still uses).
     pub fn used(&self) -> u64 {
         self.live.load(Ordering::Relaxed)
-    }
-
-    /// The budget.
-    pub fn budget(&self) -> u64 {
-        self.budget
     }
 
     /// A copy of `bytes` in the arena as (chunk, offset), or `None` when it would go beyond the

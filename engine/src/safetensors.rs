@@ -568,15 +568,6 @@ impl Checkpoint {
         self.resident = Some(Arc::new(ResidentArena::with_budget(budget)));
     }
 
-    /// The current load mode.
-    pub fn load_mode(&self) -> LoadMode {
-        if self.resident.is_some() {
-            LoadMode::Memory
-        } else {
-            LoadMode::Mmap
-        }
-    }
-
     /// Bytes of weights copied into resident memory so far.
     pub fn resident_bytes(&self) -> u64 {
         self.resident.as_ref().map_or(0, |a| a.used())

@@ -370,8 +370,8 @@ impl WorkerCore {
         }
         // Every tensor is checked against the manifest before it can be served.
         self.verify_experts(&want)?;
-        // Maps views over the assigned tensors only (or, paged, notes where they lie in the
-        // file); no weight byte is read here.
+        // Loads the assigned tensors only: copied into resident memory, or with `--mmap` mapped
+        // views (no weight byte read here); paged, only where they lie in the file is noted.
         let experts = match self.paged {
             // Experts already held keep their (copied) weights; only new ones are loaded.
             None => Host::Mapped(Arc::new(LocalExperts::load_keeping(
