@@ -366,7 +366,7 @@ fn median_rates(rs: &[Rates]) -> Rates {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

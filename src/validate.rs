@@ -26,7 +26,7 @@ use clap::Args;
 use moeshard_coordinator::plan::{ClusterSpec, ModelShape, Plan, PlanRequest, Quant, plan};
 use serde::Serialize;
 
-use crate::plan::{Calibration, RpcFigures};
+use crate::plan::{Calibration, RpcFigures, median};
 
 #[derive(Args)]
 pub(crate) struct ValidateArgs {
@@ -50,6 +50,10 @@ pub(crate) struct ValidateArgs {
     /// Decode steps per measurement.
     #[arg(long, default_value_t = 64)]
     pub decode_tokens: usize,
+    /// Measurements per shape, taken in rounds over all shapes; the measured figures are the
+    /// medians.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Use the calibrations an earlier run left in --out instead of measuring again.
     #[arg(long, requires = "out")]
     pub reuse_calibration: bool,
@@ -267,8 +271,33 @@ pub(crate) struct Row {
     pub measured_decode: f64,
     pub predicted_prefill: f64,
     pub measured_prefill: f64,
+    /// Each round's measured (decode, prefill) tokens/s; the measured figures are their medians.
+    pub runs: Vec<(f64, f64)>,
     /// Why the shape could not be measured.
     pub failed: Option<String>,
+}
+
+/// A shape's prediction and the measurements taken so far.
+struct Pending {
+    /// (decode, prefill) tokens/s.
+    predicted: (f64, f64),
+    runs: Vec<(f64, f64)>,
+    failed: Option<String>,
+}
+
+impl Pending {
+    fn into_row(self, shape: &str) -> Row {
+        let med = |f: fn(&(f64, f64)) -> f64| median(self.runs.iter().map(f).collect());
+        Row {
+            shape: shape.to_string(),
+            predicted_decode: self.predicted.0,
+            measured_decode: med(|r| r.0),
+            predicted_prefill: self.predicted.1,
+            measured_prefill: med(|r| r.1),
+            runs: self.runs.clone(),
+            failed: self.failed,
+        }
+    }
 }
 
 impl Row {
@@ -456,11 +485,12 @@ pub(crate) fn cmd_validate(a: ValidateArgs) -> Result<()> {
         out.display()
     );
     let mut cals: Vec<Option<Calibration>> = vec![None; specs.len()];
-    let mut rows = Vec::new();
+    // Predictions first: every model calibrated and every shape planned before any is measured.
+    let mut pending: Vec<Pending> = Vec::with_capacity(shapes.len());
     for s in &shapes {
         let spec = &specs[s.model];
         let cfg = configs.join(spec.file);
-        let row = (|| -> Result<Row> {
+        let predicted = (|| -> Result<(f64, f64)> {
             let saved = out.join(format!("calibrate-{}.json", spec.file));
             if cals[s.model].is_none() && a.reuse_calibration && saved.exists() {
                 let text = std::fs::read_to_string(&saved)?;
@@ -501,35 +531,60 @@ pub(crate) fn cmd_validate(a: ValidateArgs) -> Result<()> {
             if !p.fits {
                 bail!("the plan says the model does not fit: {:?}", p.advice);
             }
-            let (measured_decode, measured_prefill) = bench(s, &cfg, &out, a.decode_tokens)?;
-            Ok(Row {
-                shape: s.name.clone(),
-                predicted_decode: p.decode_tok_s,
-                measured_decode,
-                predicted_prefill: p.prefill_tok_s,
-                measured_prefill,
+            Ok((p.decode_tok_s, p.prefill_tok_s))
+        })();
+        pending.push(match predicted {
+            Ok(p) => Pending {
+                predicted: p,
+                runs: Vec::new(),
                 failed: None,
-            })
-        })()
-        .unwrap_or_else(|e| Row {
-            shape: s.name.clone(),
-            predicted_decode: 0.0,
-            measured_decode: 0.0,
-            predicted_prefill: 0.0,
-            measured_prefill: 0.0,
-            failed: Some(format!("{e:#}")),
+            },
+            Err(e) => Pending {
+                predicted: (0.0, 0.0),
+                runs: Vec::new(),
+                failed: Some(format!("{e:#}")),
+            },
         });
-        eprintln!(
-            "{:<40} predicted {:>7.1} measured {:>7.1} decode tokens/s{}",
-            row.shape,
-            row.predicted_decode,
-            row.measured_decode,
-            row.failed
-                .as_ref()
-                .map(|f| format!(" FAILED: {f}"))
-                .unwrap_or_default()
-        );
-        rows.push(row);
+    }
+    // Then the measurements, in rounds over all shapes (every other round in reverse order), so
+    // a slow or fast spell of the machine touches many shapes once rather than one shape's every
+    // run; each figure is the median of its rounds, as the calibration's rates are.
+    for round in 0..a.rounds {
+        let mut order: Vec<usize> = (0..shapes.len()).collect();
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let (s, p) = (&shapes[i], &mut pending[i]);
+            if p.failed.is_some() {
+                continue;
+            }
+            let cfg = configs.join(specs[s.model].file);
+            match bench(s, &cfg, &out, a.decode_tokens, round) {
+                Ok(m) => {
+                    eprintln!(
+                        "{:<40} round {} of {}: predicted {:>7.1} measured {:>7.1} decode tokens/s",
+                        s.name,
+                        round + 1,
+                        a.rounds,
+                        p.predicted.0,
+                        m.0
+                    );
+                    p.runs.push(m);
+                }
+                Err(e) => p.failed = Some(format!("round {}: {e:#}", round + 1)),
+            }
+        }
+    }
+    let rows: Vec<Row> = shapes
+        .iter()
+        .zip(pending)
+        .map(|(s, p)| p.into_row(&s.name))
+        .collect();
+    for row in &rows {
+        if let Some(f) = &row.failed {
+            eprintln!("{:<40} FAILED: {f}", row.shape);
+        }
     }
     let t = table(&rows, a.limit);
     print!("{t}");
@@ -543,7 +598,13 @@ pub(crate) fn cmd_validate(a: ValidateArgs) -> Result<()> {
 }
 
 /// Runs the shape's bench; (decode, prefill) tokens/s.
-fn bench(s: &Shape, cfg: &Path, out: &Path, decode_tokens: usize) -> Result<(f64, f64)> {
+fn bench(
+    s: &Shape,
+    cfg: &Path,
+    out: &Path,
+    decode_tokens: usize,
+    round: u32,
+) -> Result<(f64, f64)> {
     let mut args = vec!["bench".to_string()];
     args.extend(model_args(cfg, s.layers, s.quant));
     args.extend([
@@ -556,11 +617,8 @@ fn bench(s: &Shape, cfg: &Path, out: &Path, decode_tokens: usize) -> Result<(f64
         "--json".into(),
         "--rpc-timeout".into(),
         "120".into(),
-        // The better of two runs: less exposed to other programs on the machine.
-        "--repeat".into(),
-        "2".into(),
     ]);
-    let log = out.join(format!("{}.log", s.name));
+    let log = out.join(format!("{}-round{}.log", s.name, round + 1));
     // Held until the bench is done: namespaces, workers and proxies.
     let mut _net = None;
     match s.placement {
@@ -992,6 +1050,7 @@ mod tests {
             measured_decode: m,
             predicted_prefill: 1.0,
             measured_prefill: 2.0,
+            runs: vec![(m, 2.0)],
             failed: None,
         };
         assert!(verdict(&[row(119.0, 100.0), row(81.0, 100.0)], 0.2).is_ok());
@@ -1008,6 +1067,30 @@ mod tests {
         assert!(t.contains("+19.0%") && t.contains("-21.0%") && t.contains("OFF"));
         assert!(t.contains("FAILED: worker died"));
         assert!(t.contains("1 of 3 shapes within 20%"), "{t}");
+    }
+
+    #[test]
+    fn measured_figures_are_each_rounds_median() {
+        let p = Pending {
+            predicted: (30.0, 200.0),
+            runs: vec![(22.0, 210.0), (28.0, 150.0), (25.0, 180.0)],
+            failed: None,
+        };
+        let r = p.into_row("s");
+        // Decode and prefill medians are taken apart: from different rounds here.
+        assert_eq!((r.measured_decode, r.measured_prefill), (25.0, 180.0));
+        assert_eq!((r.predicted_decode, r.predicted_prefill), (30.0, 200.0));
+        assert_eq!(r.runs.len(), 3);
+        assert!(r.passes(0.2));
+        // A round that failed fails the shape, whatever the others measured.
+        let p = Pending {
+            predicted: (30.0, 200.0),
+            runs: vec![(29.0, 200.0)],
+            failed: Some("round 2: worker died".into()),
+        };
+        let r = p.into_row("s");
+        assert!(!r.passes(0.2));
+        assert!(table(&[r], 0.2).contains("round 2: worker died"));
     }
 
     #[test]
