@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -326,7 +326,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
             // What a dispatch adds to the compute hardly depends on the weights' format (the
             // compute itself is subtracted): measured in the first format listed.
             let q = a.quant.first().map_or("bf16", String::as_str);
-            rpc = measure_rpc(m, q, &transports)
+            rpc = measure_rpc(m, q, &transports, rates.get(q))
                 .with_context(|| format!("measuring {} dispatches", transports.join(", ")))?;
         }
     }
@@ -587,17 +587,47 @@ impl ProbeShape {
     }
 }
 
-/// Seconds of one dispatch-and-wait of the probe's step `step` on `backend`.
+/// Keeps every thread of the pool busy for `gap`, as a decode layer's dense part does between
+/// two dispatches: the hosts' threads have gone to sleep by the next request, and this
+/// process's threads are just leaving work, as in decode (back-to-back requests found the
+/// workers still spinning and measured less than decode pays).
+fn dense_work(gap: Duration) {
+    if gap.is_zero() {
+        return;
+    }
+    let end = Instant::now() + gap;
+    rayon::broadcast(|_| {
+        while Instant::now() < end {
+            std::hint::spin_loop();
+        }
+    });
+}
+
+/// The time of one decode layer's dense part at the rate measured for format `q` (between
+/// 0.1 and 5 ms; 1 ms without a rate).
+fn dense_gap(shape: &ModelShape, q: Quant, rates: Option<&Rates>) -> Duration {
+    let secs = rates.map_or(1e-3, |r| {
+        shape.layer_dense_params() as f64 * q.bytes_per_weight()
+            / shape.layers.max(1) as f64
+            / (r.dense_gbs.max(1e-3) * 1e9)
+    });
+    Duration::from_secs_f64(secs.clamp(1e-4, 5e-3))
+}
+
+/// Seconds of one dispatch-and-wait of the probe's step `step` on `backend`, after `gap` of
+/// dense work ([`dense_work`]).
 fn time_dispatch(
     backend: &dyn ExpertBackend,
     p: &ProbeShape,
     step: usize,
     tokens: usize,
+    gap: Duration,
 ) -> Result<f64> {
     let x: Vec<f32> = (0..p.hidden * tokens)
         .map(|i| ((i + step) % 17) as f32 * 0.01 - 0.08)
         .collect();
     let rows = p.rows(step, tokens);
+    dense_work(gap);
     let t0 = Instant::now();
     backend.dispatch(0, &x, &rows)?.wait()?;
     Ok(t0.elapsed().as_secs_f64())
@@ -613,19 +643,31 @@ const RPC_BIG_TOKENS: usize = 32;
 /// token through the model's top-k experts, at its widths, in weight format `quant`) sent to one
 /// and to two real local worker processes, against the same rows computed in this process;
 /// steps alternate between the hosts (so all see the same machine) and run on a pool thread, as
-/// the forward pass dispatches. What bytes cost comes from requests through one tiny expert
+/// the forward pass dispatches, each after a decode layer's dense part of work on every pool
+/// thread (its time at `rates`, the rates measured for `quant`). What bytes cost comes from requests through one tiny expert
 /// (compute negligible) of one token and of 32 tokens.
-fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Vec<RpcFigures>> {
+fn measure_rpc(
+    model_path: &Path,
+    quant: &str,
+    transports: &[&str],
+    rates: Option<&Rates>,
+) -> Result<Vec<RpcFigures>> {
     let shape = ModelShape::from_config_json(&config_text(model_path)?)?;
     let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
     let p = ProbeShape::new(&shape, q);
+    let gap = dense_gap(&shape, q, rates);
     let tiny = ProbeShape {
         inter: 32,
         top_k: 1,
         sets: 2,
         ..p
     };
-    tracing::info!(?p, quant, "measuring dispatch costs");
+    tracing::info!(
+        ?p,
+        quant,
+        gap_us = gap.as_micros(),
+        "measuring dispatch costs"
+    );
     let dir = std::env::temp_dir().join(format!("moeshard-rpc-probe-{}", std::process::id()));
     let result = (|| {
         let write = |name: &str, s: &ProbeShape| -> Result<PathBuf> {
@@ -681,17 +723,17 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
                 // Every expert once on each host before timing.
                 for step in 0..4 * p.sets {
                     for h in hosts {
-                        time_dispatch(h, &p, step, 1)?;
+                        time_dispatch(h, &p, step, 1, gap)?;
                     }
                     for h in tiny_hosts {
-                        time_dispatch(h, &tiny, step, RPC_BIG_TOKENS)?;
+                        time_dispatch(h, &tiny, step, RPC_BIG_TOKENS, gap)?;
                     }
                 }
                 let (mut one, mut two) = (Vec::new(), Vec::new());
                 for step in 0..RPC_DECODE_STEPS {
-                    let c = time_dispatch(hosts[0], &p, step, 1)?;
-                    let r1 = time_dispatch(hosts[1], &p, step, 1)?;
-                    let r2 = time_dispatch(hosts[2], &p, step, 1)?;
+                    let c = time_dispatch(hosts[0], &p, step, 1, gap)?;
+                    let r1 = time_dispatch(hosts[1], &p, step, 1, gap)?;
+                    let r2 = time_dispatch(hosts[2], &p, step, 1, gap)?;
                     one.push(r1 - c);
                     two.push(r2 - r1);
                 }
@@ -700,7 +742,7 @@ fn measure_rpc(model_path: &Path, quant: &str, transports: &[&str]) -> Result<Ve
                     let mut t = [0f64; 4];
                     for (i, tokens) in [1, RPC_BIG_TOKENS].into_iter().enumerate() {
                         for (j, h) in tiny_hosts.into_iter().enumerate() {
-                            t[2 * i + j] = time_dispatch(h, &tiny, step, tokens)?;
+                            t[2 * i + j] = time_dispatch(h, &tiny, step, tokens, gap)?;
                         }
                     }
                     bytes.push((t[3] - t[2]) - (t[1] - t[0]));
@@ -814,6 +856,35 @@ mod tests {
     fn shape(hidden: u64, inter: u64, experts: u64, top_k: u64) -> ModelShape {
         let text = rpc_probe_config(hidden, inter, experts, top_k);
         ModelShape::from_config_json(&text).expect("a probe config parses")
+    }
+
+    #[test]
+    fn the_probes_dense_gap_is_a_layers_dense_part_at_the_measured_rate() {
+        let m =
+            ModelShape::from_config_json(include_str!("../examples/configs/qwen3-moe-bench.json"))
+                .unwrap();
+        let rates = |dense_gbs: f64| Rates {
+            dense_gbs,
+            head_gbs: 1.0,
+            expert_gbs: 1.0,
+            prefill_dense_gflops: 1.0,
+            prefill_expert_gflops: 1.0,
+        };
+        let bytes = m.layer_dense_params() as f64 * 2.0 / m.layers as f64;
+        let g = dense_gap(&m, Quant::Bf16, Some(&rates(20.0)));
+        assert!((g.as_secs_f64() - bytes / 20e9).abs() < 1e-9, "{g:?}");
+        // q8_0 reads fewer bytes per weight: a shorter gap at the same rate.
+        assert!(dense_gap(&m, Quant::Q8_0, Some(&rates(20.0))) < g);
+        // Absurd rates are held to 0.1-5 ms; no rate gives 1 ms.
+        assert_eq!(
+            dense_gap(&m, Quant::Bf16, Some(&rates(1e9))),
+            Duration::from_micros(100)
+        );
+        assert_eq!(
+            dense_gap(&m, Quant::Bf16, Some(&rates(1e-9))),
+            Duration::from_millis(5)
+        );
+        assert_eq!(dense_gap(&m, Quant::Bf16, None), Duration::from_millis(1));
     }
 
     #[test]
