@@ -587,20 +587,52 @@ impl ProbeShape {
     }
 }
 
-/// Keeps every thread of the pool busy for `gap`, as a decode layer's dense part does between
-/// two dispatches: the hosts' threads have gone to sleep by the next request, and this
-/// process's threads are just leaving work, as in decode (back-to-back requests found the
-/// workers still spinning and measured less than decode pays).
-fn dense_work(gap: Duration) {
-    if gap.is_zero() {
-        return;
+/// A decode layer's dense part as a fixed amount of busy work on every pool thread. The probe
+/// runs it after each dispatch and times it with the dispatch: by the next request the hosts'
+/// threads have gone to sleep, as in decode (back-to-back requests found the workers still
+/// spinning, and measured less than decode pays), and what a host's threads take from this
+/// process's cores after answering (idle threads spin for a while) slows the work, as it slows
+/// the next layer in decode.
+#[derive(Clone, Copy, Debug)]
+struct DenseWork {
+    /// Iterations of the busy loop on each thread.
+    iters: u64,
+}
+
+impl DenseWork {
+    fn spin(iters: u64) {
+        rayon::broadcast(|_| {
+            let mut x = 1u64;
+            for i in 0..iters {
+                x = std::hint::black_box(x.wrapping_mul(0x5851_f42d_4c95_7f2d).wrapping_add(i));
+            }
+        });
     }
-    let end = Instant::now() + gap;
-    rayon::broadcast(|_| {
-        while Instant::now() < end {
-            std::hint::spin_loop();
+
+    /// As many iterations as take `gap` on this pool with nothing else running (the fastest of
+    /// five trials).
+    fn lasting(gap: Duration) -> Self {
+        const TRIAL: u64 = 100_000;
+        if gap.is_zero() {
+            return DenseWork { iters: 0 };
         }
-    });
+        let t = (0..5)
+            .map(|_| {
+                let t0 = Instant::now();
+                Self::spin(TRIAL);
+                t0.elapsed().as_secs_f64()
+            })
+            .fold(f64::INFINITY, f64::min);
+        DenseWork {
+            iters: (gap.as_secs_f64() / t.max(1e-9) * TRIAL as f64).ceil() as u64,
+        }
+    }
+
+    fn run(self) {
+        if self.iters > 0 {
+            Self::spin(self.iters);
+        }
+    }
 }
 
 /// The time of one decode layer's dense part at the rate measured for format `q` (between
@@ -614,22 +646,22 @@ fn dense_gap(shape: &ModelShape, q: Quant, rates: Option<&Rates>) -> Duration {
     Duration::from_secs_f64(secs.clamp(1e-4, 5e-3))
 }
 
-/// Seconds of one dispatch-and-wait of the probe's step `step` on `backend`, after `gap` of
-/// dense work ([`dense_work`]).
+/// Seconds of one dispatch-and-wait of the probe's step `step` on `backend` and the dense
+/// `work` that follows it ([`DenseWork`]).
 fn time_dispatch(
     backend: &dyn ExpertBackend,
     p: &ProbeShape,
     step: usize,
     tokens: usize,
-    gap: Duration,
+    work: DenseWork,
 ) -> Result<f64> {
     let x: Vec<f32> = (0..p.hidden * tokens)
         .map(|i| ((i + step) % 17) as f32 * 0.01 - 0.08)
         .collect();
     let rows = p.rows(step, tokens);
-    dense_work(gap);
     let t0 = Instant::now();
     backend.dispatch(0, &x, &rows)?.wait()?;
+    work.run();
     Ok(t0.elapsed().as_secs_f64())
 }
 
@@ -643,8 +675,8 @@ const RPC_BIG_TOKENS: usize = 32;
 /// token through the model's top-k experts, at its widths, in weight format `quant`) sent to one
 /// and to two real local worker processes, against the same rows computed in this process;
 /// steps alternate between the hosts (so all see the same machine) and run on a pool thread, as
-/// the forward pass dispatches, each after a decode layer's dense part of work on every pool
-/// thread (its time at `rates`, the rates measured for `quant`). What bytes cost comes from requests through one tiny expert
+/// the forward pass dispatches, each followed by a decode layer's dense part of work on every
+/// pool thread (its time at `rates`, the rates measured for `quant`), timed with it. What bytes cost comes from requests through one tiny expert
 /// (compute negligible) of one token and of 32 tokens.
 fn measure_rpc(
     model_path: &Path,
@@ -656,6 +688,7 @@ fn measure_rpc(
     let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
     let p = ProbeShape::new(&shape, q);
     let gap = dense_gap(&shape, q, rates);
+    let work = DenseWork::lasting(gap);
     let tiny = ProbeShape {
         inter: 32,
         top_k: 1,
@@ -723,17 +756,17 @@ fn measure_rpc(
                 // Every expert once on each host before timing.
                 for step in 0..4 * p.sets {
                     for h in hosts {
-                        time_dispatch(h, &p, step, 1, gap)?;
+                        time_dispatch(h, &p, step, 1, work)?;
                     }
                     for h in tiny_hosts {
-                        time_dispatch(h, &tiny, step, RPC_BIG_TOKENS, gap)?;
+                        time_dispatch(h, &tiny, step, RPC_BIG_TOKENS, work)?;
                     }
                 }
                 let (mut one, mut two) = (Vec::new(), Vec::new());
                 for step in 0..RPC_DECODE_STEPS {
-                    let c = time_dispatch(hosts[0], &p, step, 1, gap)?;
-                    let r1 = time_dispatch(hosts[1], &p, step, 1, gap)?;
-                    let r2 = time_dispatch(hosts[2], &p, step, 1, gap)?;
+                    let c = time_dispatch(hosts[0], &p, step, 1, work)?;
+                    let r1 = time_dispatch(hosts[1], &p, step, 1, work)?;
+                    let r2 = time_dispatch(hosts[2], &p, step, 1, work)?;
                     one.push(r1 - c);
                     two.push(r2 - r1);
                 }
@@ -742,7 +775,7 @@ fn measure_rpc(
                     let mut t = [0f64; 4];
                     for (i, tokens) in [1, RPC_BIG_TOKENS].into_iter().enumerate() {
                         for (j, h) in tiny_hosts.into_iter().enumerate() {
-                            t[2 * i + j] = time_dispatch(h, &tiny, step, tokens, gap)?;
+                            t[2 * i + j] = time_dispatch(h, &tiny, step, tokens, work)?;
                         }
                     }
                     bytes.push((t[3] - t[2]) - (t[1] - t[0]));
