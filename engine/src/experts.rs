@@ -12,8 +12,9 @@ use rayon::prelude::*;
 use crate::config::{Arch, ExpertAct, ModelConfig};
 use crate::error::{EngineError, Result};
 use crate::kernels;
+use crate::quant::{QActs, QType};
 use crate::safetensors::Checkpoint;
-use crate::tensor::Tensor;
+use crate::tensor::{Mat, Tensor};
 
 /// One routed (token, expert) pair of a MoE layer.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -92,6 +93,39 @@ impl ExpertWeights {
         let mut u = vec![0f32; n * inter];
         let (gate, up) = (self.gate_proj.mat(), self.up_proj.mat());
         kernels::matmul_pair(gate, up, inter, hidden, x, n, &mut g, &mut u);
+        self.finish(g, u, n, weights, out);
+    }
+
+    /// The quantized type both `gate_proj` and `up_proj` are stored in, if they are stored in
+    /// types whose activations take one form ([`QActs::fits`]): then [`Self::forward_acts`]
+    /// can run on activations quantized once for several experts.
+    pub fn gate_up_quant(&self) -> Option<QType> {
+        match (self.gate_proj.mat(), self.up_proj.mat()) {
+            (Mat::Quant(a, _), Mat::Quant(b, _)) if a.block_elems() == b.block_elems() => Some(a),
+            _ => None,
+        }
+    }
+
+    /// [`Self::forward`] on the rows of `x` already quantized for the gate and up projections
+    /// (`x` fits [`Self::gate_up_quant`]): the same bits as [`Self::forward`] on the rows `x`
+    /// was quantized from.
+    ///
+    /// # Panics
+    /// When gate and up are not quantized to types `x` fits, or sizes disagree.
+    pub fn forward_acts(&self, x: &QActs, weights: &[f32], out: &mut [f32]) {
+        let n = x.n_tokens();
+        let inter = self.gate_proj.shape()[0];
+        let mut g = vec![0f32; n * inter];
+        let mut u = vec![0f32; n * inter];
+        let (gate, up) = (self.gate_proj.mat(), self.up_proj.mat());
+        kernels::matmul_many_acts(&mut [(gate, inter, &mut g), (up, inter, &mut u)], x);
+        self.finish(g, u, n, weights, out);
+    }
+
+    /// The rest of [`Self::forward`] from the gate and up projections `g` and `u` of `n` rows.
+    fn finish(&self, mut g: Vec<f32>, mut u: Vec<f32>, n: usize, weights: &[f32], out: &mut [f32]) {
+        let hidden = self.down_proj.shape()[0];
+        let inter = self.gate_proj.shape()[0];
         if let Some(b) = &self.biases {
             add_bias(&mut g, &b.gate);
             add_bias(&mut u, &b.up);
@@ -372,18 +406,40 @@ impl LocalExperts {
         // 8 experts on 2 threads). Larger batches split the products (uneven experts balance
         // better that way). The same bits either way.
         let whole = jobs.len() >= 2 * rayon::current_num_threads() && rows.len() <= 4 * jobs.len();
+        // When every expert's gate and up take one form of quantized activations, the layer's
+        // hidden states are quantized once and each expert gathers its tokens' rows (the same
+        // bytes as quantizing its own rows: every block is quantized on its own), instead of
+        // each of a token's experts quantizing it again.
+        let form = jobs.first().and_then(|(w, _)| w.gate_up_quant());
+        let acts = form
+            .filter(|q| {
+                jobs.iter().all(|(w, _)| {
+                    w.gate_up_quant()
+                        .is_some_and(|p| p.block_elems() == q.block_elems())
+                })
+            })
+            .map(|q| QActs::new(q, hidden, h));
         let outputs: Vec<(Vec<usize>, Vec<f32>)> = jobs
             .into_par_iter()
             .map(|(w, idx)| {
                 let n = idx.len();
+                let ws: Vec<f32> = idx.iter().map(|&i| rows[i].weight).collect();
+                let mut y = vec![0f32; n * h];
+                if let Some(acts) = &acts {
+                    let tokens: Vec<usize> = idx.iter().map(|&i| rows[i].token as usize).collect();
+                    let x = acts.gather(&tokens);
+                    if whole {
+                        kernels::serial(|| w.forward_acts(&x, &ws, &mut y));
+                    } else {
+                        w.forward_acts(&x, &ws, &mut y);
+                    }
+                    return (idx, y);
+                }
                 let mut x = Vec::with_capacity(n * h);
-                let mut ws = Vec::with_capacity(n);
                 for &i in &idx {
                     let t = rows[i].token as usize;
                     x.extend_from_slice(&hidden[t * h..(t + 1) * h]);
-                    ws.push(rows[i].weight);
                 }
-                let mut y = vec![0f32; n * h];
                 if whole {
                     kernels::serial(|| w.forward(&x, n, &ws, &mut y));
                 } else {
@@ -450,5 +506,80 @@ impl ExpertBackend for LocalExperts {
             hidden,
             rows,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::DType;
+
+    fn wave(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2_654_435_761) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s >> 8) as f32 / (1u32 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    fn quantized(q: QType, shape: [usize; 2], seed: u32) -> Tensor {
+        let mut b = Vec::new();
+        crate::quant::quantize(q, &wave(shape[0] * shape[1], seed), &mut b);
+        Tensor::from_raw("w", DType::from_quant(q), shape.to_vec(), &b).unwrap()
+    }
+
+    /// A layer's hidden states quantized once and gathered per expert give the bits of every
+    /// expert quantizing its own rows (and of the f32 route when the experts' forms differ).
+    #[test]
+    fn compute_quantizing_once_equals_per_expert_forward() {
+        let (h, inter, n_tokens) = (512, 256, 7);
+        let hidden = wave(n_tokens * h, 99);
+        for gate_types in [
+            [QType::Q4_K, QType::Q4_K, QType::Q5_K],
+            [QType::Q8_0, QType::Q8_0, QType::Q4_0],
+            // Two forms: each expert quantizes its own rows.
+            [QType::Q4_K, QType::Q8_0, QType::Q4_K],
+        ] {
+            let mut experts = BTreeMap::new();
+            for (e, &q) in gate_types.iter().enumerate() {
+                let s = 10 * e as u32;
+                let w = ExpertWeights {
+                    gate_proj: quantized(q, [inter, h], s + 1),
+                    up_proj: quantized(q, [inter, h], s + 2),
+                    down_proj: quantized(QType::Q6_K, [h, inter], s + 3),
+                    biases: None,
+                    act: ExpertAct::SiluMul,
+                };
+                experts.insert((0, e), w);
+            }
+            let local = LocalExperts::new(h, experts);
+            let rows: Vec<ExpertRow> = (0..n_tokens as u32)
+                .flat_map(|t| {
+                    [(t * 5) % 3, (t + 1) % 3].map(|e| ExpertRow {
+                        token: t,
+                        expert: e,
+                        weight: 0.25 + t as f32 / 8.0,
+                    })
+                })
+                .collect();
+            let got = local.compute(0, &hidden, &rows).unwrap();
+            assert_eq!(got.len(), rows.len() * h);
+            for (i, r) in rows.iter().enumerate() {
+                let t = r.token as usize;
+                let w = local.get(0, r.expert as usize).unwrap();
+                let mut want = vec![0f32; h];
+                w.forward(&hidden[t * h..(t + 1) * h], 1, &[r.weight], &mut want);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got[i * h..(i + 1) * h]),
+                    bits(&want),
+                    "{gate_types:?} row {i}"
+                );
+            }
+        }
     }
 }

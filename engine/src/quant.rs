@@ -454,6 +454,37 @@ fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
     push_f16(out, d);
 }
 
+/// Activation values from which [`QActs::new`] quantizes on the rayon pool.
+const PAR_QUANT: usize = 1 << 16;
+
+/// Quantizes whole blocks of `block` values `x` into `qv` with one scale each in `d` and, when
+/// `sums16` is not empty, the exact sums of each 16 quantized values there.
+fn quantize_acts(block: usize, x: &[f32], qv: &mut [i8], d: &mut [f32], sums16: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    let simd = crate::kernels::has_avx512bw();
+    for ((xb, qb), db) in x
+        .chunks_exact(block)
+        .zip(qv.chunks_exact_mut(block))
+        .zip(d.iter_mut())
+    {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: AVX-512 F/BW detected; both blocks have `block` (32 or 256) values.
+            *db = unsafe { crate::kernels::quantize_block_512(xb, qb) } / 127.0;
+            continue;
+        }
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
+        for (o, v) in qb.iter_mut().zip(xb) {
+            *o = round_to_i8(v * id);
+        }
+        *db = amax / 127.0;
+    }
+    for (s, c) in sums16.iter_mut().zip(qv.chunks_exact(16)) {
+        *s = c.iter().fold(0i16, |s, &v| s + i16::from(v));
+    }
+}
+
 /// Activations quantized to 8 bits for the integer dot products against one weight type.
 pub struct QActs {
     /// Elements per activation block (32 or 256).
@@ -480,35 +511,82 @@ impl QActs {
             cols == 0 || x.len().is_multiple_of(cols),
             "activations: size"
         );
+        let k = q.is_k();
         let mut qv = vec![0i8; x.len()];
-        let mut d = Vec::with_capacity(x.len() / block);
-        #[cfg(target_arch = "x86_64")]
-        let simd = crate::kernels::has_avx512bw();
-        for (xb, qb) in x.chunks_exact(block).zip(qv.chunks_exact_mut(block)) {
-            #[cfg(target_arch = "x86_64")]
-            if simd {
-                // SAFETY: AVX-512 F/BW detected; both blocks have `block` (32 or 256) values.
-                d.push(unsafe { crate::kernels::quantize_block_512(xb, qb) } / 127.0);
-                continue;
+        let mut d = vec![0f32; x.len() / block];
+        let mut sums16 = vec![0i16; if k { x.len() / 16 } else { 0 }];
+        // Blocks are quantized independently, so large inputs are split into runs of whole
+        // blocks on the rayon pool: the same bytes in any split.
+        let threads = rayon::current_num_threads();
+        if threads > 1 && x.len() >= PAR_QUANT && !crate::kernels::in_serial() {
+            let run = x.len().div_ceil(4 * threads).div_ceil(block) * block;
+            let mut parts: Vec<(&[f32], &mut [i8], &mut [f32], &mut [i16])> = Vec::new();
+            let (mut qr, mut dr, mut sr) = (&mut qv[..], &mut d[..], &mut sums16[..]);
+            for xs in x.chunks(run) {
+                let (qa, qb) = std::mem::take(&mut qr).split_at_mut(xs.len());
+                let (da, db) = std::mem::take(&mut dr).split_at_mut(xs.len() / block);
+                let (sa, sb) =
+                    std::mem::take(&mut sr).split_at_mut(if k { xs.len() / 16 } else { 0 });
+                parts.push((xs, qa, da, sa));
+                (qr, dr, sr) = (qb, db, sb);
             }
-            let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
-            for (o, v) in qb.iter_mut().zip(xb) {
-                *o = round_to_i8(v * id);
-            }
-            d.push(amax / 127.0);
-        }
-        let sums16 = if q.is_k() {
-            qv.chunks_exact(16)
-                .map(|c| c.iter().fold(0i16, |s, &v| s + i16::from(v)))
-                .collect()
+            use rayon::prelude::*;
+            parts
+                .into_par_iter()
+                .for_each(|(xs, qs, ds, ss)| quantize_acts(block, xs, qs, ds, ss));
         } else {
-            Vec::new()
-        };
+            quantize_acts(block, x, &mut qv, &mut d, &mut sums16);
+        }
         QActs {
             block,
             cols,
             q: qv,
+            d,
+            sums16,
+        }
+    }
+
+    /// Number of tokens held.
+    pub fn n_tokens(&self) -> usize {
+        if self.cols == 0 {
+            0
+        } else {
+            self.q.len() / self.cols
+        }
+    }
+
+    /// Whether these activations are the form products with weights of type `q` take: blocks
+    /// of its size (the K types' 256 come with 16-sums, as [`Self::new`] makes them).
+    pub fn fits(&self, q: QType) -> bool {
+        self.block == q.block_elems()
+    }
+
+    /// Tokens `tokens` of these activations, in that order: the same values as quantizing
+    /// those tokens' rows alone (every block is quantized on its own).
+    ///
+    /// # Panics
+    /// When a token index is out of range (a caller bug).
+    pub fn gather(&self, tokens: &[usize]) -> QActs {
+        let n = self.n_tokens();
+        let nb = self.cols / self.block.max(1);
+        let s16 = if self.sums16.is_empty() {
+            0
+        } else {
+            self.cols / 16
+        };
+        let mut q = Vec::with_capacity(tokens.len() * self.cols);
+        let mut d = Vec::with_capacity(tokens.len() * nb);
+        let mut sums16 = Vec::with_capacity(tokens.len() * s16);
+        for &t in tokens {
+            assert!(t < n, "activations: token {t} of {n}");
+            q.extend_from_slice(&self.q[t * self.cols..(t + 1) * self.cols]);
+            d.extend_from_slice(&self.d[t * nb..(t + 1) * nb]);
+            sums16.extend_from_slice(&self.sums16[t * s16..(t + 1) * s16]);
+        }
+        QActs {
+            block: self.block,
+            cols: self.cols,
+            q,
             d,
             sums16,
         }

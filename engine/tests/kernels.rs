@@ -682,6 +682,65 @@ mod quantized {
         }
     }
 
+    /// Activations quantized once for a batch and gathered by token are the bytes of quantizing
+    /// the gathered rows alone, whether the batch was quantized on one thread or split over
+    /// several; products on them are the bits of the products on the rows.
+    #[test]
+    fn quantized_once_and_gathered_equals_quantized_per_product() {
+        for q in ALL {
+            // 2048 columns x 40 tokens is past the size quantized in parallel.
+            for &(rows, cols, n) in &[(16, 256, 3), (24, 2048, 40)] {
+                let x = acts(n * cols, 21);
+                let serial = kernels::serial(|| QActs::new(q, &x, cols));
+                for threads in [2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let par = pool.install(|| QActs::new(q, &x, cols));
+                    assert_eq!(par.q, serial.q, "{q:?} n={n} t={threads}");
+                    assert_eq!(par.d, serial.d, "{q:?} n={n} t={threads}");
+                    assert_eq!(par.sums16, serial.sums16, "{q:?} n={n} t={threads}");
+                }
+                assert_eq!(serial.n_tokens(), n);
+                assert!(serial.fits(q));
+                let tokens: Vec<usize> = vec![n - 1, 0, n - 1, 1, n / 2];
+                let picked: Vec<f32> = tokens
+                    .iter()
+                    .flat_map(|&t| x[t * cols..(t + 1) * cols].iter().copied())
+                    .collect();
+                let gathered = serial.gather(&tokens);
+                let own = QActs::new(q, &picked, cols);
+                assert_eq!(gathered.q, own.q, "{q:?}");
+                assert_eq!(gathered.d, own.d, "{q:?}");
+                assert_eq!(gathered.sums16, own.sums16, "{q:?}");
+                assert_eq!(gathered.n_tokens(), tokens.len());
+                let nb = rows * cols / q.block_elems();
+                let (w1, w2) = (random_blocks(q, nb, 3), random_blocks(q, nb, 4));
+                let m = tokens.len();
+                let (mut want1, mut want2) = (vec![0f32; rows * m], vec![0f32; rows * m]);
+                kernels::matmul(Mat::Quant(q, &w1), rows, cols, &picked, m, &mut want1);
+                kernels::matmul(Mat::Quant(q, &w2), rows, cols, &picked, m, &mut want2);
+                let (mut got1, mut got2) = (vec![0f32; rows * m], vec![0f32; rows * m]);
+                kernels::matmul_many_acts(
+                    &mut [
+                        (Mat::Quant(q, &w1), rows, &mut got1),
+                        (Mat::Quant(q, &w2), rows, &mut got2),
+                    ],
+                    &gathered,
+                );
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got1), bits(&want1), "{q:?} {rows}x{cols}");
+                assert_eq!(bits(&got2), bits(&want2), "{q:?} {rows}x{cols}");
+            }
+        }
+        // Activations of the 32-blocks do not fit the K types and the other way round.
+        let x = acts(256, 1);
+        assert!(!QActs::new(QType::Q8_0, &x, 256).fits(QType::Q4_K));
+        assert!(!QActs::new(QType::Q6_K, &x, 256).fits(QType::Q4_0));
+        assert!(QActs::new(QType::Q4_K, &x, 256).fits(QType::Q6_K));
+    }
+
     #[test]
     fn gate_up_pair_equals_two_products() {
         for q in ALL {

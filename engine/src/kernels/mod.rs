@@ -169,7 +169,7 @@ thread_local! {
     static SERIAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-fn in_serial() -> bool {
+pub(crate) fn in_serial() -> bool {
     SERIAL.with(|s| s.get())
 }
 
@@ -352,7 +352,8 @@ fn drive_quant(
     n_tokens: usize,
     out: &mut [f32],
 ) {
-    drive_quant_many(path, q, cols, x, n_tokens, &mut [(w, rows, out)]);
+    let acts = QActs::new(q, x, cols);
+    drive_quant_many(path, q, &acts, n_tokens, &mut [(w, rows, out)]);
 }
 
 /// Several products of the same activations with matrices of one quantized type (`(weights,
@@ -361,18 +362,22 @@ fn drive_quant(
 fn drive_quant_many(
     path: Path,
     q: QType,
-    cols: usize,
-    x: &[f32],
+    acts: &QActs,
     n_tokens: usize,
     jobs: &mut [(&[u8], usize, &mut [f32])],
 ) {
     if jobs.iter().all(|j| j.2.is_empty()) {
         return;
     }
+    let cols = acts.cols;
+    assert!(cols == 0 || acts.n_tokens() == n_tokens, "activation size");
+    assert!(
+        acts.fits(q),
+        "activations quantized for another type than {q:?}"
+    );
     let row_bytes = q
         .row_bytes(cols)
         .unwrap_or_else(|| panic!("matmul: {cols} columns are not whole {q:?} blocks"));
-    let acts = QActs::new(q, x, cols);
     let threads = rayon::current_num_threads();
     let total_rows: usize = jobs.iter().map(|j| j.1).sum();
     let work = total_rows.saturating_mul(cols).saturating_mul(n_tokens);
@@ -418,17 +423,18 @@ fn drive_quant_many(
                     // `ws` holds `rn` whole rows and the tokens exist in `acts`.
                     unsafe {
                         if q.is_k() {
-                            quant_x86::tile_k_512(q, ws, row_bytes, rn, &acts, t0, tn, &mut res)
+                            quant_x86::tile_k_512(q, ws, row_bytes, rn, acts, t0, tn, &mut res)
                         } else {
-                            quant_x86::tile32_512(q, ws, row_bytes, rn, &acts, t0, tn, &mut res)
+                            quant_x86::tile32_512(q, ws, row_bytes, rn, acts, t0, tn, &mut res)
                         }
                     };
-                    for r in 0..rn {
-                        for t in 0..tn {
-                            let i = (t0 + t) * rows + r0 + r;
-                            assert!(i < out_len);
-                            // SAFETY: as below.
-                            unsafe { *optr.get().add(i) = res[r * tn + t] };
+                    // Every index below is at most the tile's last one, checked once.
+                    assert!((t0 + tn - 1) * rows + r0 + rn - 1 < out_len);
+                    for t in 0..tn {
+                        let base = (t0 + t) * rows + r0;
+                        for (r, v) in res[..rn * tn].iter().skip(t).step_by(tn).enumerate() {
+                            // SAFETY: as below; `base + r` is inside the tile checked above.
+                            unsafe { *optr.get().add(base + r) = *v };
                         }
                     }
                 }
@@ -441,7 +447,7 @@ fn drive_quant_many(
             let tn = QUANT_TN.min(n_tokens - t0);
             for r in r_begin..r_end {
                 let row = &w[r * row_bytes..(r + 1) * row_bytes];
-                quant_tile(path, q, row, &acts, t0, &mut res[..tn]);
+                quant_tile(path, q, row, acts, t0, &mut res[..tn]);
                 for (t, v) in res[..tn].iter().enumerate() {
                     let i = (t0 + t) * rows + r;
                     assert!(i < out_len);
@@ -522,7 +528,48 @@ pub fn matmul_many(
                 _ => {}
             }
         }
-        drive_quant_many(path, q, cols, x, n_tokens, &mut group);
+        let acts = QActs::new(q, x, cols);
+        drive_quant_many(path, q, &acts, n_tokens, &mut group);
+    }
+}
+
+/// `out_k = W_k x` like [`matmul_many`] for matrices quantized to types whose activations
+/// take the form of `acts` ([`QActs::fits`]), from activations already quantized: several
+/// products sharing one quantization, or the rows of a larger quantized batch
+/// ([`QActs::gather`]). The results are the same bits as [`matmul_many`] on the activations
+/// `acts` was made from.
+///
+/// # Panics
+/// When a matrix is not quantized, its type does not fit `acts`, or a size disagrees.
+pub fn matmul_many_acts(jobs: &mut [(Mat<'_>, usize, &mut [f32])], acts: &QActs) {
+    let path = best_path();
+    check_path(path);
+    let (cols, n_tokens) = (acts.cols, acts.n_tokens());
+    let mut done = vec![false; jobs.len()];
+    for i in 0..jobs.len() {
+        if done[i] {
+            continue;
+        }
+        let Mat::Quant(q, _) = jobs[i].0 else {
+            panic!("matmul_many_acts: matrix {i} is not quantized");
+        };
+        let mut group: Vec<(&[u8], usize, &mut [f32])> = Vec::new();
+        for (k, (w, rows, out)) in jobs.iter_mut().enumerate() {
+            match *w {
+                Mat::Quant(qk, b) if qk == q && !done[k] => {
+                    assert_eq!(
+                        Some(b.len()),
+                        q.row_bytes(cols).and_then(|r| r.checked_mul(*rows)),
+                        "weight size"
+                    );
+                    assert_eq!(Some(out.len()), n_tokens.checked_mul(*rows), "output size");
+                    group.push((b, *rows, &mut **out));
+                    done[k] = true;
+                }
+                _ => {}
+            }
+        }
+        drive_quant_many(path, q, acts, n_tokens, &mut group);
     }
 }
 

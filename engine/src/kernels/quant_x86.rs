@@ -745,6 +745,24 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
         // Float lanes: acc[g][b % 4], lane i of group g = pair 4g + i.
         let mut acc = [[_mm_setzero_ps(); 4]; R512 * TK512 / 4];
         for b in 0..nb {
+            // With whole groups of four tokens (N = 4 or 8), a group is one row and four
+            // consecutive tokens: each row's sums are reduced and accumulated as soon as they
+            // are complete, straight from registers; the tokens' activation scales are loaded
+            // once per block here, and the row's scales broadcast (the same lane values as the
+            // general gathers below). Otherwise (N < 4) groups span rows, and the sums wait in
+            // `s` until the block's rows are done.
+            let whole = N.is_multiple_of(4);
+            let mut dxq = [_mm_setzero_ps(); TK512 / 4];
+            if whole {
+                for (q4, v) in dxq.iter_mut().enumerate().take(N / 4) {
+                    *v = _mm_setr_ps(
+                        *xd.add(4 * q4 * nb + b),
+                        *xd.add((4 * q4 + 1) * nb + b),
+                        *xd.add((4 * q4 + 2) * nb + b),
+                        *xd.add((4 * q4 + 3) * nb + b),
+                    );
+                }
+            }
             let mut s = [[zero; N]; R];
             // Each row's minimums as 16-bit lanes (Q4_K/Q5_K); their products with the tokens'
             // sums are formed where they are reduced, so they never occupy registers across
@@ -855,21 +873,37 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     }
                     mn16r[r] = mn16;
                 }
-                s[r] = sr;
-            }
-            // With whole groups of four tokens (N = 4 or 8), a group is one row and four
-            // consecutive tokens: their activation scales are loaded once per block here, and
-            // the row's scales broadcast (the same lane values as the general gathers below).
-            let mut dxq = [_mm_setzero_ps(); TK512 / 4];
-            if N.is_multiple_of(4) {
-                for (q4, v) in dxq.iter_mut().enumerate().take(N / 4) {
-                    *v = _mm_setr_ps(
-                        *xd.add(4 * q4 * nb + b),
-                        *xd.add((4 * q4 + 1) * nb + b),
-                        *xd.add((4 * q4 + 2) * nb + b),
-                        *xd.add((4 * q4 + 3) * nb + b),
-                    );
+                if whole {
+                    // Groups `N / 4 * r + k`: this row and tokens `4k..4k + 4`, in the order
+                    // of the general loop below.
+                    let dv = _mm_set1_ps(dr[r]);
+                    let mv4 = _mm_set1_ps(dmr[r]);
+                    for k in 0..N / 4 {
+                        let st = reduce4(sr[4 * k], sr[4 * k + 1], sr[4 * k + 2], sr[4 * k + 3]);
+                        let dx = dxq[k];
+                        let ds = _mm_mul_ps(dv, dx);
+                        let dm = _mm_xor_ps(_mm_mul_ps(mv4, dx), _mm_set1_ps(-0.0));
+                        let a = &mut acc[N / 4 * r + k][b % 4];
+                        *a = _mm_fmadd_ps(ds, _mm_cvtepi32_ps(st), *a);
+                        let mt = if K == 2 {
+                            _mm_setzero_si128()
+                        } else {
+                            let m = |i: usize| {
+                                let t = 4 * k + i;
+                                let sv =
+                                    _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
+                                _mm256_madd_epi16(mn16r[r], sv)
+                            };
+                            reduce4_256(m(0), m(1), m(2), m(3))
+                        };
+                        *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
+                    }
+                } else {
+                    s[r] = sr;
                 }
+            }
+            if whole {
+                continue;
             }
             // Reduce and accumulate four pairs at a time.
             for g in 0..groups {
@@ -883,25 +917,14 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 // Pair i's row scale and token scale (padding pairs repeat the last pair).
                 let pr = |i: usize| (4 * g + i).min(R * N - 1);
                 let (p0, p1, p2, p3) = (pr(0), pr(1), pr(2), pr(3));
-                let (dx, dv, mv4) = if N.is_multiple_of(4) {
-                    let r = 4 * g / N;
-                    (
-                        dxq[(4 * g % N) / 4],
-                        _mm_set1_ps(dr[r]),
-                        _mm_set1_ps(dmr[r]),
-                    )
-                } else {
-                    (
-                        _mm_setr_ps(
-                            *xd.add((p0 % N) * nb + b),
-                            *xd.add((p1 % N) * nb + b),
-                            *xd.add((p2 % N) * nb + b),
-                            *xd.add((p3 % N) * nb + b),
-                        ),
-                        _mm_setr_ps(dr[p0 / N], dr[p1 / N], dr[p2 / N], dr[p3 / N]),
-                        _mm_setr_ps(dmr[p0 / N], dmr[p1 / N], dmr[p2 / N], dmr[p3 / N]),
-                    )
-                };
+                let dx = _mm_setr_ps(
+                    *xd.add((p0 % N) * nb + b),
+                    *xd.add((p1 % N) * nb + b),
+                    *xd.add((p2 % N) * nb + b),
+                    *xd.add((p3 % N) * nb + b),
+                );
+                let dv = _mm_setr_ps(dr[p0 / N], dr[p1 / N], dr[p2 / N], dr[p3 / N]);
+                let mv4 = _mm_setr_ps(dmr[p0 / N], dmr[p1 / N], dmr[p2 / N], dmr[p3 / N]);
                 let ds = _mm_mul_ps(dv, dx);
                 let dm = _mm_xor_ps(_mm_mul_ps(mv4, dx), _mm_set1_ps(-0.0));
                 let a = &mut acc[g][b % 4];
