@@ -454,6 +454,10 @@ fn quantize_q6_k(x: &[f32], out: &mut Vec<u8>) {
     push_f16(out, d);
 }
 
+/// One run of whole blocks [`QActs::new`] quantizes on its own: values, their bytes, scales
+/// and 16-sums.
+type QuantRun<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32], &'a mut [i16]);
+
 /// Activation values from which [`QActs::new`] quantizes on the rayon pool.
 const PAR_QUANT: usize = 1 << 16;
 
@@ -520,7 +524,7 @@ impl QActs {
         let threads = rayon::current_num_threads();
         if threads > 1 && x.len() >= PAR_QUANT && !crate::kernels::in_serial() {
             let run = x.len().div_ceil(4 * threads).div_ceil(block) * block;
-            let mut parts: Vec<(&[f32], &mut [i8], &mut [f32], &mut [i16])> = Vec::new();
+            let mut parts: Vec<QuantRun<'_>> = Vec::new();
             let (mut qr, mut dr, mut sr) = (&mut qv[..], &mut d[..], &mut sums16[..]);
             for xs in x.chunks(run) {
                 let (qa, qb) = std::mem::take(&mut qr).split_at_mut(xs.len());
@@ -548,11 +552,7 @@ impl QActs {
 
     /// Number of tokens held.
     pub fn n_tokens(&self) -> usize {
-        if self.cols == 0 {
-            0
-        } else {
-            self.q.len() / self.cols
-        }
+        self.q.len().checked_div(self.cols).unwrap_or(0)
     }
 
     /// Whether these activations are the form products with weights of type `q` take: blocks

@@ -763,6 +763,23 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     );
                 }
             }
+            // Q4_K/Q5_K with whole groups: the 32-sums `X_j = sums16[2j] + sums16[2j + 1]` of
+            // tokens `4k..4k + 4` as 16-bit lanes (at most 32 * 128 in size), in the order the
+            // pack leaves them: 128-bit lane `l` holds `X_{4(l % 2)..}` of tokens `4k + l / 2`
+            // (first four lanes) and `4k + 2 + l / 2` (last four). One `vpmaddwd` with a row's
+            // minimums in the same order then gives every (row, token) pair's `M` in four lanes.
+            let mut xm = [zero; TK512 / 4];
+            if whole && K != 2 {
+                let ones = _mm512_set1_epi16(1);
+                let s16 = |t: usize| _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
+                let pair = |t: usize| {
+                    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(s16(t)), s16(t + 1));
+                    _mm512_madd_epi16(v, ones)
+                };
+                for (k, v) in xm.iter_mut().enumerate().take(N / 4) {
+                    *v = _mm512_packs_epi32(pair(4 * k), pair(4 * k + 2));
+                }
+            }
             let mut s = [[zero; N]; R];
             // Each row's minimums as 16-bit lanes (Q4_K/Q5_K); their products with the tokens'
             // sums are formed where they are reduced, so they never occupy registers across
@@ -787,6 +804,8 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     }
                     o += 64;
                 }
+                // The row's eight 6-bit minimums, one byte each (Q4_K/Q5_K).
+                let mut mn_raw = 0u64;
                 if K == 2 {
                     dr[r] = f16_at(blk.add(208));
                     let sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
@@ -826,6 +845,7 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     dr[r] = f16_at(blk);
                     dmr[r] = f16_at(blk.add(2));
                     let (sc, mn) = k4_scales_mins(blk.add(4));
+                    mn_raw = mn;
                     let sc16 =
                         _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(sc as i64)));
                     let mb = _mm_cvtsi64_si128(mn as i64);
@@ -878,6 +898,18 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     // of the general loop below.
                     let dv = _mm_set1_ps(dr[r]);
                     let mv4 = _mm_set1_ps(dmr[r]);
+                    // The row's minimums in the order of `xm`: [m0-3, m0-3] in even 128-bit
+                    // lanes, [m4-7, m4-7] in odd ones.
+                    let mz = if K == 2 {
+                        zero
+                    } else {
+                        let m8 = _mm_cvtepu8_epi16(_mm_cvtsi64_si128(mn_raw as i64));
+                        let lh = _mm256_set_m128i(
+                            _mm_unpackhi_epi64(m8, m8),
+                            _mm_unpacklo_epi64(m8, m8),
+                        );
+                        _mm512_broadcast_i64x4(lh)
+                    };
                     for k in 0..N / 4 {
                         let st = reduce4(sr[4 * k], sr[4 * k + 1], sr[4 * k + 2], sr[4 * k + 3]);
                         let dx = dxq[k];
@@ -888,13 +920,14 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                         let mt = if K == 2 {
                             _mm_setzero_si128()
                         } else {
-                            let m = |i: usize| {
-                                let t = 4 * k + i;
-                                let sv =
-                                    _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
-                                _mm256_madd_epi16(mn16r[r], sv)
-                            };
-                            reduce4_256(m(0), m(1), m(2), m(3))
+                            // Lanes [t0, t0, t2, t2] of 128-bit lane 0 and [t1, t1, t3, t3] of
+                            // lane 2 after the two sums (pairs, then lanes 0 + 1 and 2 + 3).
+                            let v = _mm512_madd_epi16(xm[k], mz);
+                            let v = _mm512_add_epi32(v, _mm512_shuffle_epi32::<_MM_PERM_CDAB>(v));
+                            let v =
+                                _mm512_add_epi32(v, _mm512_shuffle_i32x4::<0b10_11_00_01>(v, v));
+                            let pick = _mm512_castsi128_si512(_mm_setr_epi32(0, 8, 2, 10));
+                            _mm512_castsi512_si128(_mm512_permutexvar_epi32(pick, v))
                         };
                         *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
                     }
