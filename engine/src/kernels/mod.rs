@@ -429,12 +429,15 @@ fn drive_quant_many(
                         }
                     };
                     // Every index below is at most the tile's last one, checked once.
-                    assert!((t0 + tn - 1) * rows + r0 + rn - 1 < out_len);
+                    assert!((t0 + tn - 1) * rows + r0 + rn - 1 < out_len && rn * tn <= res.len());
                     for t in 0..tn {
-                        let base = (t0 + t) * rows + r0;
-                        for (r, v) in res[..rn * tn].iter().skip(t).step_by(tn).enumerate() {
-                            // SAFETY: as below; `base + r` is inside the tile checked above.
-                            unsafe { *optr.get().add(base + r) = *v };
+                        // SAFETY: as below; every index is inside the tile checked above, and
+                        // `r * tn + t < rn * tn <= res.len()`.
+                        unsafe {
+                            let dst = optr.get().add((t0 + t) * rows + r0);
+                            for r in 0..rn {
+                                *dst.add(r) = *res.get_unchecked(r * tn + t);
+                            }
                         }
                     }
                 }
