@@ -409,10 +409,13 @@ fn drive_quant_many(
             let mut res = [0f32; quant_x86::R512 * quant_x86::TK512];
             let mut t0 = 0;
             while t0 < n_tokens {
-                // Token tiles: the K types take eight at a time where eight are left.
+                // Token tiles: the K types take sixteen, else eight, at a time where as many are
+                // left.
                 let left = n_tokens - t0;
                 let tn = if q.is_k() && left >= quant_x86::TK512 {
                     quant_x86::TK512
+                } else if q.is_k() && left >= 8 {
+                    8
                 } else {
                     quant_x86::T512.min(left)
                 };
