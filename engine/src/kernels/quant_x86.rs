@@ -615,6 +615,43 @@ unsafe fn reduce4(a: __m512i, b: __m512i, c: __m512i, d: __m512i) -> __m128i {
     }
 }
 
+/// The totals of sixteen vectors of 16 `i32` lanes, total `t` in lane `t` (exact: integer
+/// additions): the transposing tree of [`reduce4`], two levels further across the 128-bit lanes.
+#[inline(always)]
+unsafe fn reduce16(v: &[__m512i; 16]) -> __m512i {
+    // SAFETY: register-only AVX-512F operations (the caller has AVX-512F).
+    unsafe {
+        macro_rules! pair {
+            ($x:expr, $y:expr) => {
+                _mm512_add_epi32(_mm512_unpacklo_epi32($x, $y), _mm512_unpackhi_epi32($x, $y))
+            };
+        }
+        // Per 128-bit lane, that lane's parts of totals 4m..4m + 4.
+        macro_rules! quad {
+            ($m:literal) => {{
+                let a = pair!(v[4 * $m], v[4 * $m + 1]);
+                let b = pair!(v[4 * $m + 2], v[4 * $m + 3]);
+                _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b))
+            }};
+        }
+        // [x lanes 0+2, x lanes 1+3, y lanes 0+2, y lanes 1+3].
+        macro_rules! half {
+            ($x:expr, $y:expr) => {
+                _mm512_add_epi32(
+                    _mm512_shuffle_i32x4::<0b01_00_01_00>($x, $y),
+                    _mm512_shuffle_i32x4::<0b11_10_11_10>($x, $y),
+                )
+            };
+        }
+        let d01 = half!(quad!(0), quad!(1));
+        let d23 = half!(quad!(2), quad!(3));
+        _mm512_add_epi32(
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(d01, d23),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(d01, d23),
+        )
+    }
+}
+
 /// `res[r * tn + t] = dot(row r, token t0 + t)` for `rn` (1..=[`R512`]) rows starting at `w`
 /// (`row_bytes` apart) and `tn` (1..=[`T512`], 8 or [`TK512`]) tokens, for the K types (`Q4_K`,
 /// `Q5_K`, `Q6_K`).
@@ -745,7 +782,9 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
         let shl_a = _mm512_inserti64x4::<1>(_mm512_set1_epi16(4), _mm256_set1_epi16(2));
         let shr_b = _mm512_inserti64x4::<1>(_mm512_set1_epi16(0), _mm256_set1_epi16(2));
         // Float lanes: acc[g][b % 4], lane i of group g = pair 4g + i.
-        let mut acc = [[_mm_setzero_ps(); 4]; R512 * TK512 / 4];
+        let mut acc = [[_mm_setzero_ps(); 4]; R512 * 8 / 4];
+        // N = 16: acc16[r][b % 4], lane t = pair (r, t).
+        let mut acc16 = [[_mm512_setzero_ps(); 4]; R];
         for b in 0..nb {
             // With whole groups of four tokens (N = 4 or 8), a group is one row and four
             // consecutive tokens: each row's sums are reduced and accumulated as soon as they
@@ -765,6 +804,15 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                     );
                 }
             }
+            // The sixteen tokens' scales in one register (N = 16).
+            let dx16 = if N == 16 {
+                let v = _mm512_castps128_ps512(dxq[0]);
+                let v = _mm512_insertf32x4::<1>(v, dxq[1]);
+                let v = _mm512_insertf32x4::<2>(v, dxq[2]);
+                _mm512_insertf32x4::<3>(v, dxq[3])
+            } else {
+                _mm512_setzero_ps()
+            };
             // Q4_K/Q5_K with whole groups: the 32-sums `X_j = sums16[2j] + sums16[2j + 1]` of
             // tokens `4k..4k + 4` as 16-bit lanes (at most 32 * 128 in size), in the order the
             // pack leaves them: 128-bit lane `l` holds `X_{4(l % 2)..}` of tokens `4k + l / 2`
@@ -773,13 +821,23 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
             let mut xm = [zero; TK512 / 4];
             if whole && K != 2 {
                 let ones = _mm512_set1_epi16(1);
-                let s16 = |t: usize| _mm256_loadu_si256(s16p.add(t * cols / 16 + 16 * b).cast());
-                let pair = |t: usize| {
-                    let v = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(s16(t)), s16(t + 1));
-                    _mm512_madd_epi16(v, ones)
-                };
+                // (Macros, not closures: a closure does not inherit the target features, and
+                // one that is not inlined passes vectors through memory.)
+                macro_rules! s16 {
+                    ($t:expr) => {
+                        _mm256_loadu_si256(s16p.add($t * cols / 16 + 16 * b).cast())
+                    };
+                }
+                macro_rules! pair {
+                    ($t:expr) => {
+                        _mm512_madd_epi16(
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(s16!($t)), s16!($t + 1)),
+                            ones,
+                        )
+                    };
+                }
                 for (k, v) in xm.iter_mut().enumerate().take(N / 4) {
-                    *v = _mm512_packs_epi32(pair(4 * k), pair(4 * k + 2));
+                    *v = _mm512_packs_epi32(pair!(4 * k), pair!(4 * k + 2));
                 }
             }
             let mut s = [[zero; N]; R];
@@ -912,6 +970,42 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                         );
                         _mm512_broadcast_i64x4(lh)
                     };
+                    if N == 16 {
+                        // All sixteen tokens of the row at once: lane `t` of one register per
+                        // value, the same per-lane operations as the groups below.
+                        let st = reduce16(sr[..16].try_into().unwrap_unchecked());
+                        let mt = if K == 2 {
+                            zero
+                        } else {
+                            macro_rules! m {
+                                ($k:literal) => {{
+                                    let v = _mm512_madd_epi16(xm[$k], mz);
+                                    let v = _mm512_add_epi32(
+                                        v,
+                                        _mm512_shuffle_epi32::<_MM_PERM_CDAB>(v),
+                                    );
+                                    let v = _mm512_add_epi32(
+                                        v,
+                                        _mm512_shuffle_i32x4::<0b10_11_00_01>(v, v),
+                                    );
+                                    let pick = _mm512_castsi128_si512(_mm_setr_epi32(0, 8, 2, 10));
+                                    _mm512_castsi512_si128(_mm512_permutexvar_epi32(pick, v))
+                                }};
+                            }
+                            let v = _mm512_inserti32x4::<1>(_mm512_castsi128_si512(m!(0)), m!(1));
+                            let v = _mm512_inserti32x4::<2>(v, m!(2));
+                            _mm512_inserti32x4::<3>(v, m!(3))
+                        };
+                        let ds = _mm512_mul_ps(_mm512_set1_ps(dr[r]), dx16);
+                        let dm = _mm512_castsi512_ps(_mm512_xor_si512(
+                            _mm512_castps_si512(_mm512_mul_ps(_mm512_set1_ps(dmr[r]), dx16)),
+                            _mm512_set1_epi32(i32::MIN),
+                        ));
+                        let a = &mut acc16[r][b % 4];
+                        *a = _mm512_fmadd_ps(ds, _mm512_cvtepi32_ps(st), *a);
+                        *a = _mm512_fmadd_ps(dm, _mm512_cvtepi32_ps(mt), *a);
+                        continue;
+                    }
                     for k in 0..N / 4 {
                         let st = reduce4(sr[4 * k], sr[4 * k + 1], sr[4 * k + 2], sr[4 * k + 3]);
                         let dx = dxq[k];
@@ -981,6 +1075,13 @@ unsafe fn tk_512<const K: u8, const R: usize, const N: usize>(
                 };
                 *a = _mm_fmadd_ps(dm, _mm_cvtepi32_ps(mt), *a);
             }
+        }
+        if N == 16 {
+            for (r, a) in acc16.iter().enumerate() {
+                let f = _mm512_add_ps(_mm512_add_ps(a[0], a[2]), _mm512_add_ps(a[1], a[3]));
+                _mm512_storeu_ps(res.as_mut_ptr().add(r * N), f);
+            }
+            return;
         }
         for g in 0..groups {
             let a = &acc[g];
