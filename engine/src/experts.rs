@@ -289,6 +289,9 @@ pub fn stored_bytes(
     Ok(total)
 }
 
+/// Output values from which [`LocalExperts::compute`] puts rows back in order on every thread.
+const PAR_GATHER: usize = 1 << 18;
+
 /// Experts held in this process.
 pub struct LocalExperts {
     hidden_size: usize,
@@ -457,10 +460,22 @@ impl LocalExperts {
                 from[i] = (j as u32, k as u32);
             }
         }
-        let mut out = Vec::with_capacity(rows.len() * h);
-        for &(j, k) in &from {
+        let src = |&(j, k): &(u32, u32)| {
             let y = &outputs[j as usize].1;
-            out.extend_from_slice(&y[k as usize * h..(k as usize + 1) * h]);
+            &y[k as usize * h..(k as usize + 1) * h]
+        };
+        if rows.len() * h >= PAR_GATHER && rayon::current_num_threads() > 1 && h > 0 {
+            // A prefill layer's rows: copied on every thread (the fresh pages of `out` are
+            // zeroed by the kernel where they are first written, in parallel too).
+            let mut out = vec![0f32; rows.len() * h];
+            out.par_chunks_mut(h)
+                .zip(from.par_iter())
+                .for_each(|(o, f)| o.copy_from_slice(src(f)));
+            return Ok(out);
+        }
+        let mut out = Vec::with_capacity(rows.len() * h);
+        for f in &from {
+            out.extend_from_slice(src(f));
         }
         Ok(out)
     }
@@ -533,10 +548,22 @@ mod tests {
     }
 
     /// A layer's hidden states quantized once and gathered per expert give the bits of every
-    /// expert quantizing its own rows (and of the f32 route when the experts' forms differ).
+    /// expert quantizing its own rows (and of the f32 route when the experts' forms differ);
+    /// 260 tokens' rows are put back in order on two threads.
     #[test]
     fn compute_quantizing_once_equals_per_expert_forward() {
-        let (h, inter, n_tokens) = (512, 256, 7);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
+        for n_tokens in [7, 260] {
+            pool.install(|| compute_equals_forward(n_tokens));
+        }
+    }
+
+    fn compute_equals_forward(n_tokens: usize) {
+        let (h, inter) = (512, 256);
+        assert!(n_tokens < 10 || 2 * n_tokens * h >= PAR_GATHER);
         let hidden = wave(n_tokens * h, 99);
         for gate_types in [
             [QType::Q4_K, QType::Q4_K, QType::Q5_K],
