@@ -67,6 +67,13 @@ fn main() {
             // Narrow experts of a wide model in prefill (~32 tokens each).
             (256, 2048, 32, 1),
             (2048, 256, 32, 1),
+            // Their token tiles: 16, 8, 4 and the tails.
+            (256, 2048, 16, 1),
+            (256, 2048, 13, 1),
+            (256, 2048, 8, 1),
+            (256, 2048, 4, 1),
+            (256, 2048, 3, 1),
+            (256, 2048, 1, 1),
         ] {
             let mut one = Vec::new();
             quant::quantize(q, &values(rows * cols, 7), &mut one);
