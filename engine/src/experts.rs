@@ -465,12 +465,23 @@ impl LocalExperts {
             &y[k as usize * h..(k as usize + 1) * h]
         };
         if rows.len() * h >= PAR_GATHER && rayon::current_num_threads() > 1 && h > 0 {
-            // A prefill layer's rows: copied on every thread (the fresh pages of `out` are
-            // zeroed by the kernel where they are first written, in parallel too).
-            let mut out = vec![0f32; rows.len() * h];
-            out.par_chunks_mut(h)
+            // A prefill layer's rows: copied on every thread into the unwritten capacity (no
+            // pass zeroing what is overwritten).
+            let n = rows.len() * h;
+            let mut out: Vec<f32> = Vec::with_capacity(n);
+            out.spare_capacity_mut()[..n]
+                .par_chunks_mut(h)
                 .zip(from.par_iter())
-                .for_each(|(o, f)| o.copy_from_slice(src(f)));
+                .for_each(|(o, f)| {
+                    let y = src(f);
+                    assert_eq!(o.len(), y.len(), "row width");
+                    for (d, v) in o.iter_mut().zip(y) {
+                        d.write(*v);
+                    }
+                });
+            // SAFETY: the `rows.len()` chunks of `h` values, all `n` of the capacity's first
+            // values, were each written above in full (checked widths).
+            unsafe { out.set_len(n) };
             return Ok(out);
         }
         let mut out = Vec::with_capacity(rows.len() * h);
