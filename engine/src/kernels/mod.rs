@@ -518,22 +518,7 @@ pub fn matmul_many(
             continue;
         };
         check_path(path);
-        let mut group: Vec<(&[u8], usize, &mut [f32])> = Vec::new();
-        for (k, (w, rows, out)) in jobs.iter_mut().enumerate() {
-            match *w {
-                Mat::Quant(qk, b) if qk == q && !done[k] => {
-                    assert_eq!(
-                        Some(b.len()),
-                        q.row_bytes(cols).and_then(|r| r.checked_mul(*rows)),
-                        "weight size"
-                    );
-                    assert_eq!(Some(out.len()), n_tokens.checked_mul(*rows), "output size");
-                    group.push((b, *rows, &mut **out));
-                    done[k] = true;
-                }
-                _ => {}
-            }
-        }
+        let mut group = quant_group(jobs, q, cols, n_tokens, &mut done);
         let acts = QActs::new(q, x, cols);
         drive_quant_many(path, q, &acts, n_tokens, &mut group);
     }
@@ -559,24 +544,37 @@ pub fn matmul_many_acts(jobs: &mut [(Mat<'_>, usize, &mut [f32])], acts: &QActs)
         let Mat::Quant(q, _) = jobs[i].0 else {
             panic!("matmul_many_acts: matrix {i} is not quantized");
         };
-        let mut group: Vec<(&[u8], usize, &mut [f32])> = Vec::new();
-        for (k, (w, rows, out)) in jobs.iter_mut().enumerate() {
-            match *w {
-                Mat::Quant(qk, b) if qk == q && !done[k] => {
-                    assert_eq!(
-                        Some(b.len()),
-                        q.row_bytes(cols).and_then(|r| r.checked_mul(*rows)),
-                        "weight size"
-                    );
-                    assert_eq!(Some(out.len()), n_tokens.checked_mul(*rows), "output size");
-                    group.push((b, *rows, &mut **out));
-                    done[k] = true;
-                }
-                _ => {}
-            }
-        }
+        let mut group = quant_group(jobs, q, cols, n_tokens, &mut done);
         drive_quant_many(path, q, acts, n_tokens, &mut group);
     }
+}
+
+/// The products of `jobs` quantized to `q` and not `done` yet (now marked done), their sizes
+/// checked: what one [`drive_quant_many`] call runs on one quantization of the activations.
+fn quant_group<'a, 'b>(
+    jobs: &'b mut [(Mat<'a>, usize, &mut [f32])],
+    q: QType,
+    cols: usize,
+    n_tokens: usize,
+    done: &mut [bool],
+) -> Vec<(&'a [u8], usize, &'b mut [f32])> {
+    let mut group = Vec::new();
+    for (k, (w, rows, out)) in jobs.iter_mut().enumerate() {
+        match *w {
+            Mat::Quant(qk, b) if qk == q && !done[k] => {
+                assert_eq!(
+                    Some(b.len()),
+                    q.row_bytes(cols).and_then(|r| r.checked_mul(*rows)),
+                    "weight size"
+                );
+                assert_eq!(Some(out.len()), n_tokens.checked_mul(*rows), "output size");
+                group.push((b, *rows, &mut **out));
+                done[k] = true;
+            }
+            _ => {}
+        }
+    }
+    group
 }
 
 /// Largest tile any path uses (rows x tokens), for the stack buffer of a tile's results.
