@@ -609,13 +609,10 @@ impl DenseWork {
         });
     }
 
-    /// As many iterations as take `gap` on this pool with nothing else running (the fastest of
-    /// five trials).
+    /// As many iterations as take `gap` (never zero: [`dense_gap`] is at least 0.1 ms) on this
+    /// pool with nothing else running (the fastest of five trials).
     fn lasting(gap: Duration) -> Self {
         const TRIAL: u64 = 100_000;
-        if gap.is_zero() {
-            return DenseWork { iters: 0 };
-        }
         let t = (0..5)
             .map(|_| {
                 let t0 = Instant::now();
@@ -629,9 +626,7 @@ impl DenseWork {
     }
 
     fn run(self) {
-        if self.iters > 0 {
-            Self::spin(self.iters);
-        }
+        Self::spin(self.iters);
     }
 }
 
@@ -676,8 +671,9 @@ const RPC_BIG_TOKENS: usize = 32;
 /// and to two real local worker processes, against the same rows computed in this process;
 /// steps alternate between the hosts (so all see the same machine) and run on a pool thread, as
 /// the forward pass dispatches, each followed by a decode layer's dense part of work on every
-/// pool thread (its time at `rates`, the rates measured for `quant`), timed with it. What bytes cost comes from requests through one tiny expert
-/// (compute negligible) of one token and of 32 tokens.
+/// pool thread (its time at `rates`, the rates measured for `quant`), timed with it. What bytes
+/// cost comes from requests through one tiny expert (compute negligible) of one token and of 32
+/// tokens.
 fn measure_rpc(
     model_path: &Path,
     quant: &str,

@@ -288,13 +288,14 @@ struct Pending {
 impl Pending {
     fn into_row(self, shape: &str) -> Row {
         let med = |f: fn(&(f64, f64)) -> f64| median(self.runs.iter().map(f).collect());
+        let (measured_decode, measured_prefill) = (med(|r| r.0), med(|r| r.1));
         Row {
             shape: shape.to_string(),
             predicted_decode: self.predicted.0,
-            measured_decode: med(|r| r.0),
+            measured_decode,
             predicted_prefill: self.predicted.1,
-            measured_prefill: med(|r| r.1),
-            runs: self.runs.clone(),
+            measured_prefill,
+            runs: self.runs,
             failed: self.failed,
         }
     }
