@@ -176,11 +176,11 @@ fn best_of(n: usize, mut f: impl FnMut()) -> f64 {
 pub(crate) struct RpcFigures {
     /// `grpc` or `quic`.
     pub transport: String,
-    /// What sending one decode layer's rows (one token, top-k experts) to one worker adds to
-    /// computing them in-process (medians), less their bytes at `per_kb_us`, us.
+    /// What dispatching a decode layer to one worker adds to computing it in-process, less its
+    /// bytes at `per_kb_us`, us: the value at one worker of the line through the costs measured
+    /// with 1, 2 and 3 local workers (the model's own decode, per MoE layer).
     pub overhead_us: f64,
-    /// What each further worker contacted in the same layer adds (the same rows split over two
-    /// workers on one host, against one worker), less the bytes it adds, us.
+    /// What each further worker contacted in the same layer adds: that line's slope, us.
     pub per_worker_us: f64,
     /// What each KB of request and reply adds (a 32-token request against a one-token one), us.
     pub per_kb_us: f64,
@@ -268,6 +268,9 @@ pub(crate) fn cmd_calibrate(a: CalibrateArgs) -> Result<()> {
 
 fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
     let threads = rayon::current_num_threads();
+    if let Some(m) = &a.model {
+        check_memory(m, a)?;
+    }
     warn_if_busy();
     // Memory bandwidth as our decode kernel sees it: a bf16 matrix-vector product over a matrix
     // far larger than the caches.
@@ -326,7 +329,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
             // What a dispatch adds to the compute hardly depends on the weights' format (the
             // compute itself is subtracted): measured in the first format listed.
             let q = a.quant.first().map_or("bf16", String::as_str);
-            rpc = measure_rpc(m, q, &transports, rates.get(q))
+            rpc = measure_rpc(m, a.layers, q, &transports, rates.get(q))
                 .with_context(|| format!("measuring {} dispatches", transports.join(", ")))?;
         }
     }
@@ -342,6 +345,45 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
         rates,
         rpc,
     })
+}
+
+/// Fails, naming the figures, when the synthetic model calibrate would build does not fit in the
+/// memory available: one copy per format measured, and four at once for the dispatch costs
+/// (this process's, and the 1, 2 and 3 local workers' experts with their coordinators' dense
+/// parts), in the first format.
+fn check_memory(model: &Path, a: &CalibrateArgs) -> Result<()> {
+    let mut shape = ModelShape::from_config_json(&config_text(model)?)?;
+    if let Some(k) = a.layers {
+        shape = shape.with_layers(k as u64);
+    }
+    let gb = |quant: &str| -> Result<f64> {
+        let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
+        Ok(shape.total_params() as f64 * q.bytes_per_weight() / 1e9)
+    };
+    let mut need = 0f64;
+    for q in &a.quant {
+        need = need.max(gb(q)?);
+    }
+    let rpc = a.rpc.iter().any(|t| t != "none");
+    if rpc {
+        need = need.max((1 + RPC_MAX_WORKERS) as f64 * gb(a.quant.first().map_or("bf16", |q| q))?);
+    }
+    let Some(avail) = available_memory_gb() else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        need < 0.85 * avail,
+        "calibrating {} needs about {need:.1} GB of synthetic weights{} and {avail:.1} GB is \
+         available: pass --layers K to keep only the first K layers{}",
+        model.display(),
+        if rpc {
+            " (four copies at once for the dispatch costs: here and on 1, 2 and 3 local workers)"
+        } else {
+            ""
+        },
+        if rpc { ", or --rpc none" } else { "" }
+    );
+    Ok(())
 }
 
 /// The config text of a model path (a directory or the config.json itself).
@@ -503,11 +545,9 @@ fn rpc_probe_config(hidden: u64, inter: u64, experts: u64, top_k: u64) -> String
     .to_string()
 }
 
-/// The probe's experts: `top_k` times `sets`. Each probe step sends every token to `top_k`
+/// The bytes probe's experts: `top_k` times `sets`. Each probe step sends every token to `top_k`
 /// distinct experts drawn uniformly (a fixed function of the step, so every host gets the same
-/// rows): spread over the layer as a router spreads them (so the rows split over the workers as
-/// unevenly as real ones do) and, step after step, over more bytes than the caches hold (as a
-/// decode step's experts, cold in memory).
+/// rows).
 #[derive(Clone, Copy, Debug)]
 struct ProbeShape {
     hidden: usize,
@@ -517,30 +557,6 @@ struct ProbeShape {
 }
 
 impl ProbeShape {
-    /// Bytes of expert weights the sets of the probe span at least (when the model has that
-    /// many experts), so a step's experts come from memory rather than the caches.
-    const SPAN_BYTES: f64 = 128e6;
-
-    fn new(shape: &ModelShape, q: Quant) -> Self {
-        let hidden = shape.hidden.max(1);
-        let top_k = shape.top_k.clamp(1, shape.experts.max(1)) as usize;
-        // The expert's width, rounded to whole blocks of the block-quantized formats.
-        let inter = (shape.expert_params / (3 * hidden))
-            .max(1)
-            .next_multiple_of(256) as usize;
-        let set_bytes =
-            top_k as f64 * 3.0 * (hidden as usize * inter) as f64 * q.bytes_per_weight();
-        let sets = ((Self::SPAN_BYTES / set_bytes).ceil() as usize)
-            .clamp(2, 8)
-            .min((shape.experts as usize / top_k).max(1));
-        ProbeShape {
-            hidden: hidden as usize,
-            inter,
-            top_k,
-            sets,
-        }
-    }
-
     fn experts(&self) -> usize {
         self.top_k * self.sets
     }
@@ -577,22 +593,24 @@ impl ProbeShape {
             .collect()
     }
 
-    /// KB a dispatch of `tokens` tokens to `workers` workers moves (as the planner counts them:
-    /// each token's hidden state to each worker, each row's output back, 12 bytes of routing a
-    /// row).
+    /// KB a request of `tokens` tokens to `workers` workers moves ([`request_kb`]).
     fn kb(&self, tokens: usize, workers: usize) -> f64 {
-        let h = self.hidden as f64;
-        ((tokens * workers) as f64 * 4.0 * h + (tokens * self.top_k) as f64 * (12.0 + 4.0 * h))
-            / 1e3
+        request_kb(self.hidden, self.top_k, tokens, workers)
     }
 }
 
-/// A decode layer's dense part as a fixed amount of busy work on every pool thread. The probe
-/// runs it after each dispatch and times it with the dispatch: by the next request the hosts'
-/// threads have gone to sleep, as in decode (back-to-back requests found the workers still
-/// spinning, and measured less than decode pays), and what a host's threads take from this
-/// process's cores after answering (idle threads spin for a while) slows the work, as it slows
-/// the next layer in decode.
+/// KB a dispatch of `tokens` tokens, each to `top_k` experts of width `hidden`, spread over
+/// `workers` workers moves, as the planner counts them: each token's hidden state to each
+/// worker, each row's output back, 12 bytes of routing a row.
+fn request_kb(hidden: usize, top_k: usize, tokens: usize, workers: usize) -> f64 {
+    let h = hidden as f64;
+    ((tokens * workers) as f64 * 4.0 * h + (tokens * top_k) as f64 * (12.0 + 4.0 * h)) / 1e3
+}
+
+/// A decode layer's dense part as a fixed amount of busy work on every pool thread. The bytes
+/// probe runs it after each dispatch and times it with the dispatch: by the next request the
+/// hosts' threads have gone to sleep, as in decode (back-to-back requests found the workers
+/// still spinning).
 #[derive(Clone, Copy, Debug)]
 struct DenseWork {
     /// Iterations of the busy loop on each thread.
@@ -660,111 +678,117 @@ fn time_dispatch(
     Ok(t0.elapsed().as_secs_f64())
 }
 
-/// Probe steps timed per backend for the decode-shaped figures, and for the per-KB one.
-const RPC_DECODE_STEPS: usize = 600;
+/// Probe steps timed per backend for the per-KB figure.
 const RPC_BYTES_STEPS: usize = 150;
 /// Tokens of the request that shows what bytes cost.
 const RPC_BIG_TOKENS: usize = 32;
+/// Decode tokens timed on each host for the per-layer dispatch figures (after a few untimed).
+const RPC_DECODE_TOKENS: usize = 96;
+const RPC_WARM_TOKENS: usize = 8;
+/// The dispatch figures are fit over sets of 1 to this many local workers.
+const RPC_MAX_WORKERS: usize = 3;
 
-/// The dispatch costs of each of `transports`, as decode pays them: a decode layer's rows (one
-/// token through the model's top-k experts, at its widths, in weight format `quant`) sent to one
-/// and to two real local worker processes, against the same rows computed in this process;
-/// steps alternate between the hosts (so all see the same machine) and run on a pool thread, as
-/// the forward pass dispatches, each followed by a decode layer's dense part of work on every
-/// pool thread (its time at `rates`, the rates measured for `quant`), timed with it. What bytes
-/// cost comes from requests through one tiny expert (compute negligible) of one token and of 32
-/// tokens.
+/// The dispatch costs of each of `transports`, as decode pays them. The model itself (its
+/// first `layers` layers, synthetic weights in format `quant`) decodes the same tokens in this
+/// process and with its experts on 1, 2 and 3 real local worker processes, one token on each in
+/// turn (every other round in the opposite order, so all see the same machine). What a token
+/// takes with n workers over what it takes here, per MoE layer, is the dispatch cost of n
+/// workers, everything included: the requests, the thread wake-ups on both sides, and what the
+/// workers' idle threads take from this process's cores after answering (a probe of its own
+/// missed a third of that with three co-located workers). `overhead_us` and `per_worker_us` are
+/// the straight line through the three costs (less their bytes at `per_kb_us`). What bytes
+/// cost comes from requests through one tiny expert (compute negligible) of one token and of
+/// 32 tokens, each followed by a decode layer's dense part of work ([`DenseWork`], its time at
+/// `rates`) so the workers sleep between requests as in decode.
 fn measure_rpc(
     model_path: &Path,
+    layers: Option<usize>,
     quant: &str,
     transports: &[&str],
     rates: Option<&Rates>,
 ) -> Result<Vec<RpcFigures>> {
-    let shape = ModelShape::from_config_json(&config_text(model_path)?)?;
+    let mut shape = ModelShape::from_config_json(&config_text(model_path)?)?;
+    if let Some(k) = layers {
+        shape = shape.with_layers(k as u64);
+    }
     let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
-    let p = ProbeShape::new(&shape, q);
+    let n_moe = shape.moe_layers.len();
+    anyhow::ensure!(
+        n_moe > 0,
+        "{} has no MoE layer: there is no dispatch to measure (pass --rpc none)",
+        model_path.display()
+    );
     let gap = dense_gap(&shape, q, rates);
     let work = DenseWork::lasting(gap);
     let tiny = ProbeShape {
+        hidden: shape.hidden.max(1) as usize,
         inter: 32,
         top_k: 1,
         sets: 2,
-        ..p
     };
+    let layer_kb =
+        |workers: usize| request_kb(shape.hidden as usize, shape.top_k as usize, 1, workers);
     tracing::info!(
-        ?p,
+        layers = shape.layers,
+        n_moe,
         quant,
         gap_us = gap.as_micros(),
         "measuring dispatch costs"
     );
     let dir = std::env::temp_dir().join(format!("moeshard-rpc-probe-{}", std::process::id()));
     let result = (|| {
-        let write = |name: &str, s: &ProbeShape| -> Result<PathBuf> {
-            let d = dir.join(name);
-            std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
-            let cfg = d.join("config.json");
-            let text = rpc_probe_config(
-                s.hidden as u64,
-                s.inter as u64,
-                s.experts() as u64,
-                s.top_k as u64,
-            );
-            std::fs::write(&cfg, text).with_context(|| format!("writing {}", cfg.display()))?;
-            Ok(cfg)
-        };
-        let decode_cfg = write("decode", &p)?;
-        let bytes_cfg = write("bytes", &tiny)?;
-        let args = |workers, transport: &str, quantize: bool| ClusterArgs {
-            local_workers: workers,
-            transport: transport.to_string(),
-            synthetic: SyntheticArgs {
-                synthetic: true,
-                layers: None,
-                synthetic_seed: 0,
-            },
-            // The experts only: the probe's tiny dense part need not fit any block size.
-            quant: QuantArgs {
-                quantize: (quantize && q != Quant::Bf16).then(|| quant.to_string()),
-                quantize_all: false,
-                mmap: false,
-            },
-            rpc_timeout: 30.0,
-            connect_timeout: 10.0,
-            replicas: 1,
-            ..ClusterArgs::default()
-        };
-        let local = crate::cluster::load(&decode_cfg, &args(0, "grpc", true))?;
-        let local_tiny = crate::cluster::load(&bytes_cfg, &args(0, "grpc", false))?;
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let bytes_cfg = dir.join("config.json");
+        let text = rpc_probe_config(tiny.hidden as u64, tiny.inter as u64, 2, 1);
+        std::fs::write(&bytes_cfg, text)
+            .with_context(|| format!("writing {}", bytes_cfg.display()))?;
+        let args =
+            |cfg_layers: Option<usize>, workers, transport: &str, quantize: bool| ClusterArgs {
+                local_workers: workers,
+                transport: transport.to_string(),
+                synthetic: SyntheticArgs {
+                    synthetic: true,
+                    layers: cfg_layers,
+                    synthetic_seed: 0,
+                },
+                quant: QuantArgs {
+                    quantize: (quantize && q != Quant::Bf16).then(|| quant.to_string()),
+                    quantize_all: quantize && q != Quant::Bf16,
+                    mmap: false,
+                },
+                rpc_timeout: 30.0,
+                connect_timeout: 10.0,
+                replicas: 1,
+                ..ClusterArgs::default()
+            };
+        let local = crate::cluster::load(model_path, &args(layers, 0, "grpc", true))?;
+        let local_tiny = crate::cluster::load(&bytes_cfg, &args(None, 0, "grpc", false))?;
         let mut out = Vec::new();
         for &t in transports {
-            let w1 = crate::cluster::load(&decode_cfg, &args(1, t, true))?;
-            let w2 = crate::cluster::load(&decode_cfg, &args(2, t, true))?;
-            let w1_tiny = crate::cluster::load(&bytes_cfg, &args(1, t, false))?;
-            let hosts = [
-                local.experts.as_ref(),
-                w1.experts.as_ref(),
-                w2.experts.as_ref(),
-            ];
+            let sets = (1..=RPC_MAX_WORKERS)
+                .map(|n| crate::cluster::load(model_path, &args(layers, n, t, true)))
+                .collect::<Result<Vec<_>>>()?;
+            let w1_tiny = crate::cluster::load(&bytes_cfg, &args(None, 1, t, false))?;
+            let hosts: Vec<&crate::cluster::Loaded> =
+                std::iter::once(&local).chain(sets.iter()).collect();
             let tiny_hosts = [local_tiny.experts.as_ref(), w1_tiny.experts.as_ref()];
-            // Each figure is the median of differences between neighbouring steps, so what else
-            // the machine is doing at the time weighs on both sides of each difference alike.
-            let [one, two, bytes] = rayon::scope(|_| -> Result<[f64; 3]> {
-                // Every expert once on each host before timing.
-                for step in 0..4 * p.sets {
-                    for h in hosts {
-                        time_dispatch(h, &p, step, 1, work)?;
-                    }
+            let (costs, bytes) = rayon::scope(|_| -> Result<(Vec<f64>, f64)> {
+                let per_token = decode_turns(&hosts, RPC_DECODE_TOKENS)?;
+                // Median per MoE layer of what n workers add to a token, n = 1..
+                let costs: Vec<f64> = (1..hosts.len())
+                    .map(|n| {
+                        median(
+                            per_token
+                                .iter()
+                                .map(|t| (t[n] - t[0]) / n_moe as f64)
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                for step in 0..8 {
                     for h in tiny_hosts {
                         time_dispatch(h, &tiny, step, RPC_BIG_TOKENS, work)?;
                     }
-                }
-                let (mut one, mut two) = (Vec::new(), Vec::new());
-                for step in 0..RPC_DECODE_STEPS {
-                    let c = time_dispatch(hosts[0], &p, step, 1, work)?;
-                    let r1 = time_dispatch(hosts[1], &p, step, 1, work)?;
-                    let r2 = time_dispatch(hosts[2], &p, step, 1, work)?;
-                    one.push(r1 - c);
-                    two.push(r2 - r1);
                 }
                 let mut bytes = Vec::new();
                 for step in 0..RPC_BYTES_STEPS {
@@ -776,27 +800,28 @@ fn measure_rpc(
                     }
                     bytes.push((t[3] - t[2]) - (t[1] - t[0]));
                 }
-                Ok([median(one), median(two), median(bytes)])
+                Ok((costs, median(bytes)))
             })?;
-            drop((w1, w2, w1_tiny));
+            drop((sets, w1_tiny));
+            let per_kb = bytes.max(0.0) / (tiny.kb(RPC_BIG_TOKENS, 1) - tiny.kb(1, 1));
+            let net: Vec<f64> = costs
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c - layer_kb(i + 1) * per_kb)
+                .collect();
+            let (overhead, per_worker) = fit_line(&net);
             tracing::info!(
                 transport = t,
-                one_worker_over_local_us = one * 1e6,
-                two_workers_over_one_us = two * 1e6,
+                per_layer_us = ?costs.iter().map(|c| (c * 1e6).round()).collect::<Vec<_>>(),
                 big_over_small_us = bytes * 1e6,
-                "dispatch probe"
+                overhead_us = overhead * 1e6,
+                per_worker_us = per_worker * 1e6,
+                "dispatch costs"
             );
-            // What one worker adds to computing the same rows here is the dispatch cost of a
-            // decode layer, of which its bytes take `per_kb`; the second worker (the same rows
-            // split over two, computed on the same cores) shows what a further worker contacted
-            // adds beyond its bytes.
-            let per_kb = bytes.max(0.0) / (tiny.kb(RPC_BIG_TOKENS, 1) - tiny.kb(1, 1));
-            let overhead = (one - p.kb(1, 1) * per_kb).max(0.0);
-            let per_worker = (two - (p.kb(1, 2) - p.kb(1, 1)) * per_kb).max(0.0);
             out.push(RpcFigures {
                 transport: t.to_string(),
-                overhead_us: overhead * 1e6,
-                per_worker_us: per_worker * 1e6,
+                overhead_us: overhead.max(0.0) * 1e6,
+                per_worker_us: per_worker.max(0.0) * 1e6,
                 per_kb_us: per_kb * 1e6,
             });
         }
@@ -804,6 +829,79 @@ fn measure_rpc(
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// Seconds of each decode token on each host: every host decodes the same prompt and tokens
+/// (so the same rows reach the experts), one token on each in turn, every other round in the
+/// opposite order. A few tokens first are not timed.
+fn decode_turns(hosts: &[&crate::cluster::Loaded], tokens: usize) -> Result<Vec<Vec<f64>>> {
+    let vocab = hosts
+        .first()
+        .context("no host to time")?
+        .model
+        .cfg
+        .vocab_size as u64;
+    let mut rng = moeshard_engine::sampling::Rng::new(7);
+    let prompt: Vec<u32> = (0..16).map(|_| (rng.next_u64() % vocab) as u32).collect();
+    let steps: Vec<u32> = (0..RPC_WARM_TOKENS + tokens)
+        .map(|_| (rng.next_u64() % vocab) as u32)
+        .collect();
+    let mut caches = Vec::with_capacity(hosts.len());
+    for h in hosts {
+        let mut cache = h.model.new_cache(prompt.len() + steps.len() + 1);
+        h.model.forward(
+            &mut [SeqStep {
+                tokens: &prompt,
+                cache: &mut cache,
+                want: WantLogits::None,
+            }],
+            h.experts.as_ref(),
+        )?;
+        caches.push(cache);
+    }
+    let mut out = Vec::with_capacity(tokens);
+    for (i, tok) in steps.iter().enumerate() {
+        let mut t = vec![0f64; hosts.len()];
+        let order: Vec<usize> = if i % 2 == 0 {
+            (0..hosts.len()).collect()
+        } else {
+            (0..hosts.len()).rev().collect()
+        };
+        for h in order {
+            let t0 = Instant::now();
+            hosts[h].model.forward(
+                &mut [SeqStep {
+                    tokens: std::slice::from_ref(tok),
+                    cache: &mut caches[h],
+                    want: WantLogits::None,
+                }],
+                hosts[h].experts.as_ref(),
+            )?;
+            t[h] = t0.elapsed().as_secs_f64();
+        }
+        if i >= RPC_WARM_TOKENS {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}
+
+/// (value at x = 1, slope) of the least-squares line through `y[i]` at x = i + 1.
+fn fit_line(y: &[f64]) -> (f64, f64) {
+    let n = y.len() as f64;
+    if y.len() < 2 {
+        return (y.first().copied().unwrap_or(0.0), 0.0);
+    }
+    let mx = (n + 1.0) / 2.0;
+    let my = y.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (i, v) in y.iter().enumerate() {
+        let dx = (i + 1) as f64 - mx;
+        sxy += dx * (v - my);
+        sxx += dx * dx;
+    }
+    let slope = sxy / sxx;
+    (my - slope * (mx - 1.0), slope)
 }
 
 /// Warns when other programs keep this machine's cores busy: the figures (above all the
@@ -836,11 +934,20 @@ fn warn_if_busy() {
     }
 }
 
+/// Memory the kernel reckons can be had without swapping (`MemAvailable`), GB.
+fn available_memory_gb() -> Option<f64> {
+    meminfo_gb("MemAvailable:")
+}
+
 fn total_memory_gb() -> Option<f64> {
+    meminfo_gb("MemTotal:")
+}
+
+fn meminfo_gb(key: &str) -> Option<f64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: f64 = text
         .lines()
-        .find(|l| l.starts_with("MemTotal:"))?
+        .find(|l| l.starts_with(key))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -936,32 +1043,29 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_is_a_decode_layer_of_the_model() {
-        // The #5 benchmark model: hidden 1024, 64 experts of width 512, top-8.
-        let s = shape(1024, 512, 64, 8);
-        let p = ProbeShape::new(&s, Quant::Q8_0);
-        assert_eq!((p.hidden, p.inter, p.top_k), (1024, 512, 8));
-        // 8 experts of 1.6 MB in q8_0 a step: 8 sets span over 100 MB, more than any cache.
-        assert_eq!(p.sets, 8);
-        assert_eq!(p.experts(), 64);
-        // Its own config describes the same experts.
-        let own = shape(1024, 512, p.experts() as u64, 8);
-        assert_eq!(own.expert_params, s.expert_params);
-        assert_eq!(own.top_k, 8);
-        // Big experts need fewer sets, never fewer than two; few experts cap them.
-        let big = ProbeShape::new(&shape(4096, 1536, 128, 8), Quant::Q8_0);
-        assert_eq!(big.sets, 2);
-        let few = ProbeShape::new(&shape(4096, 1536, 8, 2), Quant::Bf16);
-        assert_eq!((few.top_k, few.sets), (2, 2));
-        let few = ProbeShape::new(&shape(1024, 512, 24, 8), Quant::Q4_K);
-        assert_eq!((few.top_k, few.sets), (8, 3));
-        let one_set = ProbeShape::new(&shape(64, 32, 5, 4), Quant::Bf16);
-        assert_eq!(one_set.sets, 1);
-        // Widths that are not whole blocks are rounded up to them.
-        assert_eq!(
-            ProbeShape::new(&shape(64, 32, 8, 2), Quant::Q4_K).inter,
-            256
+    fn dispatch_figures_are_the_line_through_the_worker_counts() {
+        // On a line: its value at one worker and its slope, exactly.
+        let (o, w) = fit_line(&[500.0, 700.0, 900.0]);
+        assert!(
+            (o - 500.0).abs() < 1e-9 && (w - 200.0).abs() < 1e-9,
+            "{o} {w}"
         );
+        // A bent curve (a second worker costs more than a third, as co-located ones do): the
+        // line passes between, and predicts one, two and three workers within the bend.
+        let y = [600.0, 900.0, 1000.0];
+        let (o, w) = fit_line(&y);
+        assert!((w - 200.0).abs() < 1e-9, "slope {w}");
+        assert!(
+            (o - (2500.0 / 3.0 - 200.0)).abs() < 1e-9,
+            "value at one {o}"
+        );
+        for (i, v) in y.iter().enumerate() {
+            assert!((o + i as f64 * w - v).abs() < 70.0, "{i}: {v}");
+        }
+        // Two points, one point, none.
+        assert_eq!(fit_line(&[300.0, 350.0]), (300.0, 50.0));
+        assert_eq!(fit_line(&[300.0]), (300.0, 0.0));
+        assert_eq!(fit_line(&[]), (0.0, 0.0));
     }
 
     #[test]
@@ -1035,5 +1139,10 @@ mod tests {
         // A second worker gets the token's hidden state too.
         assert!((p.kb(1, 2) - p.kb(1, 1) - 4.096).abs() < 1e-9);
         assert!((p.kb(32, 1) - 32.0 * p.kb(1, 1)).abs() < 1e-9);
+        // The bytes probe's own config: two experts of width 32 at the model's hidden width,
+        // one a token.
+        let s = shape(1024, 32, 2, 1);
+        assert_eq!((s.hidden, s.experts, s.top_k), (1024, 2, 1));
+        assert_eq!(s.expert_params, 3 * 1024 * 32);
     }
 }

@@ -508,7 +508,21 @@ pub(crate) fn cmd_validate(a: ValidateArgs) -> Result<()> {
                     args.extend(["--layers".into(), k.to_string()]);
                 }
                 args.extend(["--quant".into(), spec.quants.join(",")]);
-                args.extend(["--rpc".into(), "grpc,quic".into(), "--json".into()]);
+                // The dispatch costs of the transports this model's shapes use (measuring one
+                // holds the model four times over).
+                let mut used: Vec<&str> = shapes
+                    .iter()
+                    .filter(|x| x.model == s.model && !matches!(x.placement, Placement::Single))
+                    .map(|x| x.transport)
+                    .collect();
+                used.sort_unstable();
+                used.dedup();
+                let rpc = if used.is_empty() {
+                    "none".to_string()
+                } else {
+                    used.join(",")
+                };
+                args.extend(["--rpc".into(), rpc, "--json".into()]);
                 args.extend(["--bytes".into(), (256u64 << 20).to_string()]);
                 let log = out.join(format!("calibrate-{}.log", spec.file));
                 let text = run_self(&args, &log, Duration::from_secs(600))?;

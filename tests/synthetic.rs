@@ -121,6 +121,25 @@ fn new_architectures_run_from_a_bare_config() {
 }
 
 #[test]
+fn calibrate_refuses_a_model_larger_than_memory_and_says_what_to_pass() {
+    let cfg = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/configs/qwen3-235b-a22b.json");
+    let cfg = cfg.to_str().unwrap();
+    let (ok, _, err) = run(&["calibrate", "--model", cfg, "--rpc", "grpc"]);
+    assert!(!ok, "a 235B model cannot be built four times over here");
+    assert!(
+        err.contains("qwen3-235b-a22b.json") && err.contains("GB") && err.contains("--layers"),
+        "{err}"
+    );
+    assert!(err.contains("--rpc none"), "{err}");
+    let (ok, _, err) = run(&["calibrate", "--model", cfg, "--rpc", "none"]);
+    assert!(
+        !ok && err.contains("--layers") && !err.contains("--rpc none"),
+        "{err}"
+    );
+}
+
+#[test]
 fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
     let cfg = fixture("qwen3_moe_tiny").join("config.json");
     let cfg = cfg.to_str().unwrap();
@@ -158,6 +177,12 @@ fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
             // Figures of real round trips: never negative, never absurd on loopback.
             assert!(v.is_finite() && (0.0..1e6).contains(&v), "{k} = {v} in {r}");
         }
+    }
+    for r in rpc {
+        // A dispatch to another process costs more than computing the rows here: at least a
+        // loopback round trip and the wake-ups around it.
+        let o = r["overhead_us"].as_f64().unwrap();
+        assert!(o > 10.0, "overhead_us = {o} in {r}");
     }
     assert!(c["rates"]["bf16"]["expert_gbs"].as_f64().unwrap() > 0.0);
     // The node entry and link written as TOML plan the model.
