@@ -211,3 +211,41 @@ fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
     let p: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(p["decode_tok_s"].as_f64().unwrap() > 0.0, "{p}");
 }
+
+#[test]
+fn the_example_plans_in_the_docs_are_what_plan_prints() {
+    // docs/plans.md shows `moeshard plan` runs on the example configs and clusters; a change of
+    // the planner that moves any figure must show there too.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/plans.md")).unwrap();
+    let mut checked = 0;
+    for block in doc.split("```\n").skip(1).step_by(2) {
+        let Some(rest) = block.strip_prefix("$ moeshard plan ") else {
+            continue;
+        };
+        let (cmd, shown) = rest.split_once('\n').unwrap();
+        let args: Vec<String> = std::iter::once("plan".to_string())
+            .chain(cmd.split_whitespace().map(|a| {
+                if a.starts_with("examples/") {
+                    root.join(a).display().to_string()
+                } else {
+                    a.to_string()
+                }
+            }))
+            .collect();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out, err) = run(&args);
+        assert!(ok, "moeshard plan {cmd}: {err}");
+        let out = out.replace(&format!("{}/", root.display()), "");
+        assert_eq!(
+            out.trim_end(),
+            shown.trim_end(),
+            "docs/plans.md is stale for `moeshard plan {cmd}`"
+        );
+        checked += 1;
+    }
+    assert!(
+        checked >= 10,
+        "only {checked} example plans found in docs/plans.md"
+    );
+}
