@@ -182,7 +182,8 @@ pub(crate) struct RpcFigures {
     pub overhead_us: f64,
     /// What each further worker contacted in the same layer adds: that line's slope, us.
     pub per_worker_us: f64,
-    /// What each KB of request and reply adds (a 32-token request against a one-token one), us.
+    /// What each KB of request and reply adds (a 128-token request through top-k experts against
+    /// a one-token one: prefill-sized), us.
     pub per_kb_us: f64,
 }
 
@@ -679,9 +680,11 @@ fn time_dispatch(
 }
 
 /// Probe steps timed per backend for the per-KB figure.
-const RPC_BYTES_STEPS: usize = 150;
-/// Tokens of the request that shows what bytes cost.
-const RPC_BIG_TOKENS: usize = 32;
+const RPC_BYTES_STEPS: usize = 60;
+/// Tokens of the request that shows what bytes cost: a prefill chunk's worth, each through the
+/// model's top-k experts, so the figure is that of prefill's megabyte-sized requests (replies of
+/// 4 MB at hidden 1024, top-8). Per KB they cost about twice what 260 KB requests did.
+const RPC_BIG_TOKENS: usize = 128;
 /// Decode tokens timed on each host for the per-layer dispatch figures (after a few untimed).
 const RPC_DECODE_TOKENS: usize = 96;
 const RPC_WARM_TOKENS: usize = 8;
@@ -697,9 +700,10 @@ const RPC_MAX_WORKERS: usize = 3;
 /// workers' idle threads take from this process's cores after answering (a probe of its own
 /// missed a third of that with three co-located workers). `overhead_us` and `per_worker_us` are
 /// the straight line through the three costs (less their bytes at `per_kb_us`). What bytes
-/// cost comes from requests through one tiny expert (compute negligible) of one token and of
-/// 32 tokens, each followed by a decode layer's dense part of work ([`DenseWork`], its time at
-/// `rates`) so the workers sleep between requests as in decode.
+/// cost comes from requests of one token and of 128 tokens, each token through the model's
+/// top-k of tiny experts (compute negligible, and subtracted: the same requests are timed
+/// in-process), each followed by a decode layer's dense part of work ([`DenseWork`], its time
+/// at `rates`) so the workers sleep between requests as in decode.
 fn measure_rpc(
     model_path: &Path,
     layers: Option<usize>,
@@ -723,7 +727,7 @@ fn measure_rpc(
     let tiny = ProbeShape {
         hidden: shape.hidden.max(1) as usize,
         inter: 32,
-        top_k: 1,
+        top_k: shape.top_k.clamp(1, shape.experts.max(1)) as usize,
         sets: 2,
     };
     let layer_kb =
@@ -739,7 +743,12 @@ fn measure_rpc(
     let result = (|| {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let bytes_cfg = dir.join("config.json");
-        let text = rpc_probe_config(tiny.hidden as u64, tiny.inter as u64, 2, 1);
+        let text = rpc_probe_config(
+            tiny.hidden as u64,
+            tiny.inter as u64,
+            tiny.experts() as u64,
+            tiny.top_k as u64,
+        );
         std::fs::write(&bytes_cfg, text)
             .with_context(|| format!("writing {}", bytes_cfg.display()))?;
         let args =
@@ -785,7 +794,7 @@ fn measure_rpc(
                         )
                     })
                     .collect();
-                for step in 0..8 {
+                for step in 0..4 {
                     for h in tiny_hosts {
                         time_dispatch(h, &tiny, step, RPC_BIG_TOKENS, work)?;
                     }

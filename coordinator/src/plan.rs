@@ -913,12 +913,6 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         link,
     });
     let any_remote = counts.iter().enumerate().any(|(i, &k)| i != ci && k > 0);
-    let remote_share = counts
-        .iter()
-        .enumerate()
-        .filter(|&(i, _)| i != ci)
-        .map(|(_, &k)| k as f64 / (n_moe * model.experts as f64))
-        .fold(0.0, f64::max);
     let mut nodes = Vec::new();
     for (i, n) in cluster.nodes.iter().enumerate() {
         let (dense_b, cache_b, act_b) = if i == ci {
@@ -983,23 +977,33 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         .filter(|&(i, &k)| i != ci && k > 0)
         .count()
         .max(1) as f64;
-    // Rows sent away in all (every remote node), and to the busiest one: each row's hidden state
-    // goes out and its output comes back, 4 bytes a value each way.
-    let all_remote = counts
+    // Bytes of a prompt's layer to and from each remote node, as the requests carry them (and as
+    // decode counts them): the hidden state of each token with a row there goes out once, each
+    // row's output comes back with 12 bytes of routing, 4 bytes a value. A node holding `e` of a
+    // layer's E experts gets a token when any of its top-k distinct experts is one of them.
+    let h4 = 4.0 * model.hidden as f64;
+    let big_e = model.experts as f64;
+    let node_bytes: Vec<f64> = counts
         .iter()
         .enumerate()
-        .filter(|&(i, _)| i != ci)
-        .map(|(_, &k)| k as f64 / (n_moe * model.experts as f64))
-        .sum::<f64>();
-    let row_bytes = model.hidden as f64 * 8.0;
+        .filter(|&(i, &n)| i != ci && n > 0)
+        .map(|(_, &n)| {
+            let e = n as f64 / n_moe;
+            let miss: f64 = (0..model.top_k)
+                .map(|j| ((big_e - e - j as f64) / (big_e - j as f64)).clamp(0.0, 1.0))
+                .product();
+            p * (1.0 - miss) * h4 + p * model.top_k as f64 * (e / big_e) * (h4 + 12.0)
+        })
+        .collect();
+    let busiest_bytes = node_bytes.iter().copied().fold(0.0, f64::max);
+    let all_bytes: f64 = node_bytes.iter().sum();
     let t_net_prefill = if any_remote {
         n_moe_layers
             * (chunks
                 * (link.rtt_us + link.overhead_us + (remote_nodes - 1.0) * link.per_worker_us)
                 * 1e-6
-                + p * model.top_k as f64 * remote_share * row_bytes * 8.0
-                    / (link.bandwidth_gbps * 1e9)
-                + p * model.top_k as f64 * all_remote * row_bytes / 1e3 * link.per_kb_us * 1e-6)
+                + busiest_bytes * 8.0 / (link.bandwidth_gbps * 1e9)
+                + all_bytes / 1e3 * link.per_kb_us * 1e-6)
     } else {
         0.0
     };
@@ -1398,6 +1402,20 @@ mod tests {
             "{:?}",
             p.decode
         );
+        // Prefill of 512 tokens in two chunks: each token's 4 KB out once (the only worker has
+        // every expert), its 8 rows of (12 + 4 KB) back; per layer two round trips and overheads,
+        // the bytes over the link and at per_kb_us.
+        let pt = 512.0;
+        let prompt_bytes = pt * 4096.0 + pt * 8.0 * (12.0 + 4096.0);
+        let prompt_net =
+            12.0 * (2.0 * 150e-6 + prompt_bytes * 8.0 / 1e9 + prompt_bytes / 1e3 * 0.5e-6);
+        let dense_flops =
+            2.0 * pt * (LAYER_DENSE + HEAD) + (12.0 * 4.0 * 16.0 * 128.0) * pt * pt / 2.0;
+        let expert_flops = 2.0 * pt * 8.0 * (EXPERT_BYTES / 2.0) * 12.0;
+        assert!(close(
+            pt / p.prefill_tok_s,
+            dense_flops / 100e9 + expert_flops / 50e9 + prompt_net
+        ));
         // Two workers on the same box: their reads add up (the same 8 experts in every draw),
         // a second request costs per_worker_us when both get rows.
         let two_same = ClusterSpec {
