@@ -353,10 +353,7 @@ fn calibrate(a: &CalibrateArgs) -> Result<Calibration> {
 /// (this process's, and the 1, 2 and 3 local workers' experts with their coordinators' dense
 /// parts), in the first format.
 fn check_memory(model: &Path, a: &CalibrateArgs) -> Result<()> {
-    let mut shape = ModelShape::from_config_json(&config_text(model)?)?;
-    if let Some(k) = a.layers {
-        shape = shape.with_layers(k as u64);
-    }
+    let shape = model_shape(model, a.layers)?;
     let gb = |quant: &str| -> Result<f64> {
         let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
         Ok(shape.total_params() as f64 * q.bytes_per_weight() / 1e9)
@@ -385,6 +382,46 @@ fn check_memory(model: &Path, a: &CalibrateArgs) -> Result<()> {
         if rpc { ", or --rpc none" } else { "" }
     );
     Ok(())
+}
+
+/// The shape of the model at `model` (a directory or its config.json), cut to its first
+/// `layers` layers as `--synthetic --layers K` runs it.
+fn model_shape(model: &Path, layers: Option<usize>) -> Result<ModelShape> {
+    let shape = ModelShape::from_config_json(&config_text(model)?)?;
+    Ok(match layers {
+        Some(k) => shape.with_layers(k as u64),
+        None => shape,
+    })
+}
+
+/// How calibrate loads a model: synthetic weights (the first `layers` layers), every linear
+/// weight quantized to `quant` unless it is bf16 (as `--quantize F --quantize-all`), its experts
+/// on `workers` local worker processes over `transport` (none: in this process).
+fn synthetic_args(
+    layers: Option<usize>,
+    quant: Option<&str>,
+    workers: usize,
+    transport: &str,
+) -> ClusterArgs {
+    let quant = quant.filter(|q| Quant::parse(q) != Some(Quant::Bf16));
+    ClusterArgs {
+        local_workers: workers,
+        transport: transport.to_string(),
+        synthetic: SyntheticArgs {
+            synthetic: true,
+            layers,
+            synthetic_seed: 0,
+        },
+        quant: QuantArgs {
+            quantize: quant.map(str::to_string),
+            quantize_all: quant.is_some(),
+            mmap: false,
+        },
+        rpc_timeout: 30.0,
+        connect_timeout: 10.0,
+        replicas: 1,
+        ..ClusterArgs::default()
+    }
 }
 
 /// The config text of a model path (a directory or the config.json itself).
@@ -428,27 +465,8 @@ fn measure_rates(
     prefill_tokens: usize,
 ) -> Result<Rates> {
     let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
-    let mut shape = ModelShape::from_config_json(&config_text(model_path)?)?;
-    if let Some(k) = layers {
-        shape = shape.with_layers(k as u64);
-    }
-    let args = ClusterArgs {
-        synthetic: SyntheticArgs {
-            synthetic: true,
-            layers,
-            synthetic_seed: 0,
-        },
-        quant: QuantArgs {
-            quantize: (q != Quant::Bf16).then(|| quant.to_string()),
-            quantize_all: q != Quant::Bf16,
-            mmap: false,
-        },
-        rpc_timeout: 30.0,
-        connect_timeout: 10.0,
-        replicas: 1,
-        ..ClusterArgs::default()
-    };
-    let loaded = crate::cluster::load(model_path, &args)?;
+    let shape = model_shape(model_path, layers)?;
+    let loaded = crate::cluster::load(model_path, &synthetic_args(layers, Some(quant), 0, "grpc"))?;
     let (model, backend) = (&loaded.model, loaded.experts.as_ref());
     let timed = crate::bench::Timed::new(backend);
     let vocab = model.cfg.vocab_size as u64;
@@ -711,10 +729,7 @@ fn measure_rpc(
     transports: &[&str],
     rates: Option<&Rates>,
 ) -> Result<Vec<RpcFigures>> {
-    let mut shape = ModelShape::from_config_json(&config_text(model_path)?)?;
-    if let Some(k) = layers {
-        shape = shape.with_layers(k as u64);
-    }
+    let shape = model_shape(model_path, layers)?;
     let q = Quant::parse(quant).with_context(|| format!("unknown weight format {quant:?}"))?;
     let n_moe = shape.moe_layers.len();
     anyhow::ensure!(
@@ -751,33 +766,18 @@ fn measure_rpc(
         );
         std::fs::write(&bytes_cfg, text)
             .with_context(|| format!("writing {}", bytes_cfg.display()))?;
-        let args =
-            |cfg_layers: Option<usize>, workers, transport: &str, quantize: bool| ClusterArgs {
-                local_workers: workers,
-                transport: transport.to_string(),
-                synthetic: SyntheticArgs {
-                    synthetic: true,
-                    layers: cfg_layers,
-                    synthetic_seed: 0,
-                },
-                quant: QuantArgs {
-                    quantize: (quantize && q != Quant::Bf16).then(|| quant.to_string()),
-                    quantize_all: quantize && q != Quant::Bf16,
-                    mmap: false,
-                },
-                rpc_timeout: 30.0,
-                connect_timeout: 10.0,
-                replicas: 1,
-                ..ClusterArgs::default()
-            };
-        let local = crate::cluster::load(model_path, &args(layers, 0, "grpc", true))?;
-        let local_tiny = crate::cluster::load(&bytes_cfg, &args(None, 0, "grpc", false))?;
+        let load = |cfg: &Path, layers, quant, workers, transport| {
+            crate::cluster::load(cfg, &synthetic_args(layers, quant, workers, transport))
+        };
+        // The tiny experts stay bf16: their widths need not fit any block size.
+        let local = load(model_path, layers, Some(quant), 0, "grpc")?;
+        let local_tiny = load(&bytes_cfg, None, None, 0, "grpc")?;
         let mut out = Vec::new();
         for &t in transports {
             let sets = (1..=RPC_MAX_WORKERS)
-                .map(|n| crate::cluster::load(model_path, &args(layers, n, t, true)))
+                .map(|n| load(model_path, layers, Some(quant), n, t))
                 .collect::<Result<Vec<_>>>()?;
-            let w1_tiny = crate::cluster::load(&bytes_cfg, &args(None, 1, t, false))?;
+            let w1_tiny = load(&bytes_cfg, None, None, 1, t)?;
             let hosts: Vec<&crate::cluster::Loaded> =
                 std::iter::once(&local).chain(sets.iter()).collect();
             let tiny_hosts = [local_tiny.experts.as_ref(), w1_tiny.experts.as_ref()];

@@ -177,8 +177,6 @@ fn calibrate_measures_dispatches_to_real_workers_and_plans_read_them() {
             // Figures of real round trips: never negative, never absurd on loopback.
             assert!(v.is_finite() && (0.0..1e6).contains(&v), "{k} = {v} in {r}");
         }
-    }
-    for r in rpc {
         // A dispatch to another process costs more than computing the rows here: at least a
         // loopback round trip and the wake-ups around it.
         let o = r["overhead_us"].as_f64().unwrap();

@@ -912,7 +912,6 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         coordinator: ci,
         link,
     });
-    let any_remote = counts.iter().enumerate().any(|(i, &k)| i != ci && k > 0);
     let mut nodes = Vec::new();
     for (i, n) in cluster.nodes.iter().enumerate() {
         let (dense_b, cache_b, act_b) = if i == ci {
@@ -971,12 +970,6 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
     }
     let t_exp_layer = host_s.iter().copied().fold(0.0, f64::max);
     let chunks = (p / 256.0).ceil();
-    let remote_nodes = counts
-        .iter()
-        .enumerate()
-        .filter(|&(i, &k)| i != ci && k > 0)
-        .count()
-        .max(1) as f64;
     // Bytes of a prompt's layer to and from each remote node, as the requests carry them (and as
     // decode counts them): the hidden state of each token with a row there goes out once, each
     // row's output comes back with 12 bytes of routing, 4 bytes a value. A node holding `e` of a
@@ -997,7 +990,8 @@ pub fn plan(model: &ModelShape, cluster: &ClusterSpec, req: PlanRequest) -> Plan
         .collect();
     let busiest_bytes = node_bytes.iter().copied().fold(0.0, f64::max);
     let all_bytes: f64 = node_bytes.iter().sum();
-    let t_net_prefill = if any_remote {
+    let remote_nodes = node_bytes.len() as f64;
+    let t_net_prefill = if !node_bytes.is_empty() {
         n_moe_layers
             * (chunks
                 * (link.rtt_us + link.overhead_us + (remote_nodes - 1.0) * link.per_worker_us)
